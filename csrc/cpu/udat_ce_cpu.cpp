@@ -1,0 +1,421 @@
+// CPU kernels of the fused cross-entropy ops.
+//
+// Design (SPEC §2, "row blocks"): rows of x are taken in blocks whose logits over all C classes
+// fit a memory budget. Per block: one GEMM forms the logits, a fused epilogue applies scale and
+// margin, the log-sum-exp, the loss and the logit gradient G in place, and two more GEMMs turn G
+// into grad x (for the block) and grad W (accumulated). Three GEMMs for loss and gradient, never a
+// B×C tensor, and no normalized copy of W: the column scale 1/|W_j| is folded into the epilogue.
+//   angular: z_ij = s·c_ij with c_ij = x̂_i·W_j/|W_j|, so with G'_ij = G_ij/|W_j|
+//            gx̂ = G' W  and  Σ_i G_ij x̂_i / |W_j| = (G'ᵀ x̂)_j  (the projection is linear).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+
+#include "../udat_ce.h"
+
+namespace udat {
+namespace {
+
+constexpr int64_t kDefaultBlockBytes = int64_t(64) << 20;
+
+// Bytes of logits a row block may hold; UDAT_CPU_BLOCK_BYTES overrides (tests use it to force
+// several blocks on small inputs).
+int64_t block_bytes() {
+  if (const char* env = std::getenv("UDAT_CPU_BLOCK_BYTES")) {
+    const long long v = std::atoll(env);
+    if (v > 0) return v;
+  }
+  return kDefaultBlockBytes;
+}
+
+void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const int64_t* t = target.data_ptr<int64_t>();
+  for (int64_t i = 0; i < target.numel(); ++i) {
+    TORCH_CHECK_VALUE(t[i] == ignore_index || (t[i] >= 0 && t[i] < C), "target: value ", t[i],
+                      " at row ", i, " is outside [0, ", C, ") and is not ignore_index (",
+                      ignore_index, ")");
+  }
+}
+
+// The inputs in the accumulation type T, with the per-row and per-class quantities both passes
+// need. Built once per op call.
+template <typename T>
+struct Problem {
+  int64_t B, C, D;
+  at::Tensor xa;     // (B, D) x in T
+  at::Tensor feats;  // (B, D) the left GEMM operand: x̂ (angular) or x (linear)
+  at::Tensor wa;     // (C, D) weight in T
+  at::Tensor x_inv;  // (B,) 1/max(|x_i|, eps)           (angular)
+  at::Tensor w_inv;  // (C,) 1/max(|W_j|, eps)           (angular)
+  at::Tensor x_norm;  // (B,) |x_i|                     (angular)
+  at::Tensor w_norm;  // (C,) |W_j|                     (angular)
+  at::Tensor cw;     // (C,) class weights in T, undefined when absent (all ones)
+  at::Tensor sw;     // (B,) sample weights in T, undefined when absent
+  at::Tensor bias;   // (C,) in T, undefined when absent
+  const int64_t* target;
+  T wsum;            // Σ_j w_j
+  T denom;           // Σ_{i not ignored} v_i w_{y_i}: the mean's divisor
+};
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+                        const OptTensor& bias, const OptTensor& class_weight,
+                        const OptTensor& sample_weight, const CeOptions& opt) {
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  Problem<T> P;
+  P.B = x.size(0);
+  P.C = weight.size(0);
+  P.D = x.size(1);
+  P.xa = x.to(st).contiguous();
+  P.wa = weight.to(st).contiguous();
+  if (opt.normalize) {
+    // Norm reductions, not pow(2).sum(): no (C, D) temporary.
+    P.x_norm = at::linalg_vector_norm(P.xa, 2, {1});
+    P.w_norm = at::linalg_vector_norm(P.wa, 2, {1});
+    P.x_inv = P.x_norm.clamp_min(kNormEps).reciprocal();
+    P.w_inv = P.w_norm.clamp_min(kNormEps).reciprocal();
+    P.feats = P.xa * P.x_inv.unsqueeze(1);
+  } else {
+    P.feats = P.xa;
+  }
+  if (class_weight) P.cw = class_weight->to(st).contiguous();
+  if (sample_weight) P.sw = sample_weight->to(st).contiguous();
+  if (bias) P.bias = bias->to(st).contiguous();
+  P.target = target.data_ptr<int64_t>();
+  P.wsum = P.cw.defined() ? P.cw.sum().template item<T>() : T(P.C);
+  double denom = 0;
+  const T* cw = P.cw.defined() ? P.cw.template data_ptr<T>() : nullptr;
+  const T* sw = P.sw.defined() ? P.sw.template data_ptr<T>() : nullptr;
+  for (int64_t i = 0; i < P.B; ++i) {
+    const int64_t y = P.target[i];
+    if (y == opt.ignore_index) continue;
+    denom += double(sw ? sw[i] : T(1)) * double(cw ? cw[y] : T(1));
+  }
+  P.denom = T(denom);
+  return P;
+}
+
+// Where one pass over the row blocks writes. A null pointer or undefined tensor skips that part.
+template <typename T>
+struct PassOut {
+  T* loss_rows = nullptr;     // (B,) v_i·loss_i, 0 for ignored rows
+  T* lse = nullptr;           // (B,) written, or read when lse_given
+  bool lse_given = false;
+  const T* k = nullptr;       // (B,) gradient factor of each row; null: no gradient
+  T x_scale = T(1);           // grad x multiplier (-λ for the fused GRL)
+  at::Tensor grad_x;          // (B, D), x's dtype
+  at::Tensor grad_w_acc;      // (C, D) in T, accumulated
+  at::Tensor grad_b_acc;      // (C,) in T, accumulated
+};
+
+// The fused epilogue of one row: logits -> (loss, lse) and, with k, the logit gradient in place.
+template <typename T>
+void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<T>& mp,
+                  const PassOut<T>& out, int64_t i, T* z) {
+  const int64_t C = P.C;
+  const int64_t y = P.target[i];
+  const bool valid = y != opt.ignore_index;
+  const T* cw = P.cw.defined() ? P.cw.template data_ptr<T>() : nullptr;
+  const T* sw = P.sw.defined() ? P.sw.template data_ptr<T>() : nullptr;
+  const T* w_inv = opt.normalize ? P.w_inv.template data_ptr<T>() : nullptr;
+
+  T c_y = 0;  // the target cosine, kept for ψ'
+  if (opt.normalize) {
+    if (valid) c_y = z[y] * w_inv[y];
+    for (int64_t j = 0; j < C; ++j) z[j] *= mp.scale * w_inv[j];
+    if (valid) z[y] = mp.scale * margin_psi(c_y, mp);
+  } else if (P.bias.defined()) {
+    const T* b = P.bias.template data_ptr<T>();
+    for (int64_t j = 0; j < C; ++j) z[j] += b[j];
+  }
+
+  T lse;
+  if (out.lse_given) {
+    lse = out.lse[i];
+  } else {
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < C; ++j) m = z[j] > m ? z[j] : m;
+    const T shift = std::isinf(m) ? T(0) : m;  // all -inf: keep lse = -inf, not NaN
+    T sum = 0;
+    for (int64_t j = 0; j < C; ++j) sum += std::exp(z[j] - shift);
+    lse = shift + std::log(sum);
+    out.lse[i] = lse;
+  }
+
+  const T wy = valid ? (cw ? cw[y] : T(1)) : T(0);
+  const RowCoef<T> rc = row_coef<T>(wy, P.wsum, T(opt.label_smoothing), C);
+  if (out.loss_rows) {
+    T loss = 0;
+    if (valid) {
+      T wz = 0;
+      if (rc.b != T(0)) {
+        for (int64_t j = 0; j < C; ++j) wz += (cw ? cw[j] : T(1)) * z[j];
+      }
+      loss = (sw ? sw[i] : T(1)) * row_loss(rc, lse, z[y], P.wsum, wz);
+    }
+    out.loss_rows[i] = loss;
+  }
+
+  if (!out.k) return;
+  const T k = valid ? out.k[i] : T(0);
+  if (k == T(0)) {
+    std::fill(z, z + C, T(0));
+    return;
+  }
+  const T kp = k * rc.p_coef;
+  const T kb = k * rc.b;
+  if (opt.normalize) {
+    for (int64_t j = 0; j < C; ++j) {
+      z[j] = (kp * std::exp(z[j] - lse) - kb * (cw ? cw[j] : T(1))) * (mp.scale * w_inv[j]);
+    }
+    // The target column: subtract a·k and apply ψ'(c_y) (the chain rule through the margin).
+    z[y] = (z[y] - k * rc.a * mp.scale * w_inv[y]) * margin_dpsi(c_y, mp);
+  } else {
+    for (int64_t j = 0; j < C; ++j) z[j] = kp * std::exp(z[j] - lse) - kb * (cw ? cw[j] : T(1));
+    z[y] -= k * rc.a;
+  }
+}
+
+// grad x of the rows [r0, r0 + n) from gx̂ (angular: project out x̂ and divide by |x|).
+template <typename T>
+void finish_grad_x(const Problem<T>& P, const CeOptions& opt, T x_scale, int64_t r0,
+                   at::Tensor gx /* (n, D) in T, modified */) {
+  const int64_t D = P.D;
+  T* g = gx.data_ptr<T>();
+  if (!opt.normalize) {
+    if (x_scale != T(1)) gx.mul_(x_scale);
+    return;
+  }
+  const T* xh = P.feats.template data_ptr<T>();
+  const T* x_inv = P.x_inv.template data_ptr<T>();
+  const T* x_norm = P.x_norm.template data_ptr<T>();
+  at::parallel_for(0, gx.size(0), 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t i = r0 + r;
+      T* gr = g + r * D;
+      const T* xr = xh + i * D;
+      const T f = x_inv[i] * x_scale;
+      if (x_norm[i] >= T(kNormEps)) {
+        T dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += gr[d] * xr[d];
+        for (int64_t d = 0; d < D; ++d) gr[d] = (gr[d] - dot * xr[d]) * f;
+      } else {
+        for (int64_t d = 0; d < D; ++d) gr[d] *= f;
+      }
+    }
+  });
+}
+
+// grad W from the accumulated (G'ᵀ x̂) (angular: project out ŵ; the 1/|W| is already in G').
+template <typename T>
+void finish_grad_w(const Problem<T>& P, const CeOptions& opt, at::Tensor acc) {
+  if (!opt.normalize) return;
+  const int64_t D = P.D;
+  T* g = acc.data_ptr<T>();
+  const T* w = P.wa.template data_ptr<T>();
+  const T* w_inv = P.w_inv.template data_ptr<T>();
+  const T* w_norm = P.w_norm.template data_ptr<T>();
+  at::parallel_for(0, P.C, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      if (!(w_norm[j] >= T(kNormEps))) continue;
+      T* gr = g + j * D;
+      const T* wr = w + j * D;
+      T dot = 0;
+      for (int64_t d = 0; d < D; ++d) dot += gr[d] * wr[d];
+      const T f = dot * w_inv[j] * w_inv[j];  // (g·ŵ) ŵ = (g·w) w / |w|²
+      for (int64_t d = 0; d < D; ++d) gr[d] -= f * wr[d];
+    }
+  });
+}
+
+// One pass over all row blocks: logits GEMM, fused epilogue, and (with out.k) the two gradient
+// GEMMs.
+template <typename T>
+void run_blocks(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out) {
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  const MarginParams<T> mp = cast_params<T>(
+      make_margin_params(opt.scale, opt.margin, opt.cos_margin, opt.straight_through));
+  const int64_t rows = std::max<int64_t>(
+      1, std::min<int64_t>(P.B, block_bytes() / std::max<int64_t>(1, P.C * int64_t(sizeof(T)))));
+  at::Tensor buf = at::empty({rows, P.C}, P.xa.options().dtype(st));
+  const bool grad_x_direct = out.k && out.grad_x.scalar_type() == st;
+  at::Tensor gx_buf;
+  if (out.k && !grad_x_direct) gx_buf = at::empty({rows, P.D}, P.xa.options().dtype(st));
+  const at::Tensor wt = P.wa.t();
+
+  for (int64_t r0 = 0; r0 < P.B; r0 += rows) {
+    const int64_t n = std::min(rows, P.B - r0);
+    at::Tensor zb = buf.narrow(0, 0, n);
+    const at::Tensor fb = P.feats.narrow(0, r0, n);
+    at::mm_out(zb, fb, wt);
+    T* z = zb.data_ptr<T>();
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, P.C));
+    at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) row_epilogue(P, opt, mp, out, r0 + r, z + r * P.C);
+    });
+    if (!out.k) continue;
+    at::Tensor gx = grad_x_direct ? out.grad_x.narrow(0, r0, n) : gx_buf.narrow(0, 0, n);
+    at::mm_out(gx, zb, P.wa);
+    finish_grad_x(P, opt, out.x_scale, r0, gx);
+    if (!grad_x_direct) out.grad_x.narrow(0, r0, n).copy_(gx);
+    at::Tensor gw = out.grad_w_acc;
+    gw.addmm_(zb.t(), fb);
+    if (out.grad_b_acc.defined()) out.grad_b_acc.add_(zb.sum(0));
+  }
+}
+
+// The fused GRL: grad x is multiplied by -λ.
+template <typename T>
+T grl_scale(const OptTensor& grl_lambda) {
+  if (!grl_lambda) return T(1);
+  TORCH_CHECK_VALUE(grl_lambda->numel() == 1, "grl_lambda: expected a 0-dim tensor, got shape ",
+                    grl_lambda->sizes());
+  return -grl_lambda->to(at::kCPU, at::kDouble).template item<double>();
+}
+
+// The gradient outputs of a pass, in T, and their conversion to the caller's dtypes.
+template <typename T>
+void alloc_grads(const Problem<T>& P, const at::Tensor& x, const at::Tensor& weight,
+                 const OptTensor& bias, PassOut<T>& out) {
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  out.grad_x = at::empty({P.B, P.D}, x.options());
+  out.grad_w_acc = at::zeros({P.C, P.D}, weight.options().dtype(st));
+  if (bias) out.grad_b_acc = at::zeros({P.C}, weight.options().dtype(st));
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(const Problem<T>& P,
+                                                            const CeOptions& opt,
+                                                            const at::Tensor& weight,
+                                                            const OptTensor& bias,
+                                                            PassOut<T>& out) {
+  finish_grad_w(P, opt, out.grad_w_acc);
+  at::Tensor gw = out.grad_w_acc.to(weight.scalar_type());
+  at::Tensor gb = bias ? out.grad_b_acc.to(bias->scalar_type()) : at::empty({0}, P.xa.options());
+  return {out.grad_x, gw, gb};
+}
+
+template <typename T>
+FwdResult forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+                       const OptTensor& bias, const OptTensor& class_weight,
+                       const OptTensor& sample_weight, const OptTensor& grl_lambda,
+                       const CeOptions& opt, bool compute_grad) {
+  Problem<T> P = make_problem<T>(x, weight, target, bias, class_weight, sample_weight, opt);
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  const auto fopt = x.options().dtype(st);
+  at::Tensor loss_rows = at::empty({P.B}, fopt);
+  at::Tensor lse = at::empty({P.B}, fopt);
+  PassOut<T> out;
+  out.loss_rows = loss_rows.data_ptr<T>();
+  out.lse = lse.data_ptr<T>();
+  at::Tensor k;
+  const bool mean = opt.reduction == Reduction::Mean;
+  if (compute_grad) {
+    // Upstream gradient one: k_i = v_i (÷ the mean's divisor; zero when that divisor is zero).
+    const T inv = mean ? (P.denom != T(0) ? T(1) / P.denom : T(0)) : T(1);
+    k = P.sw.defined() ? P.sw * inv : at::full({P.B}, inv, fopt);
+    out.k = k.data_ptr<T>();
+    out.x_scale = grl_scale<T>(grl_lambda);
+    alloc_grads(P, x, weight, bias, out);
+  }
+  run_blocks(P, opt, out);
+
+  at::Tensor loss;
+  if (opt.reduction == Reduction::None) {
+    loss = loss_rows;
+  } else {
+    double total = 0;
+    for (int64_t i = 0; i < P.B; ++i) total += double(out.loss_rows[i]);
+    if (mean) total = P.denom != T(0) ? total / double(P.denom)
+                                      : std::numeric_limits<double>::quiet_NaN();
+    loss = at::scalar_tensor(total, fopt);
+  }
+  if (!compute_grad) {
+    return {loss, lse, at::empty({0}, x.options()), at::empty({0}, weight.options()),
+            at::empty({0}, bias ? bias->options() : fopt)};
+  }
+  auto [gx, gw, gb] = finish_grads(P, opt, weight, bias, out);
+  return {loss, lse, gx, gw, gb};
+}
+
+template <typename T>
+BwdResult backward_impl(const at::Tensor& grad_loss, const at::Tensor& x,
+                        const at::Tensor& weight, const at::Tensor& target,
+                        const OptTensor& bias, const OptTensor& class_weight,
+                        const OptTensor& sample_weight, const at::Tensor& lse,
+                        const OptTensor& grl_lambda, const CeOptions& opt) {
+  Problem<T> P = make_problem<T>(x, weight, target, bias, class_weight, sample_weight, opt);
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  const bool per_row = opt.reduction == Reduction::None;
+  TORCH_CHECK_VALUE(per_row ? (grad_loss.dim() == 1 && grad_loss.size(0) == P.B)
+                            : grad_loss.numel() == 1,
+                    "grad_loss: expected the shape of the loss, got ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == P.B, "lse: expected shape (", P.B,
+                    ",), got ", lse.sizes());
+  at::Tensor lse_t = lse.to(st).contiguous();
+  const T inv = opt.reduction == Reduction::Mean ? (P.denom != T(0) ? T(1) / P.denom : T(0))
+                                                 : T(1);
+  at::Tensor k = grad_loss.to(st).reshape({-1}).expand({P.B}) * inv;
+  if (P.sw.defined()) k = k * P.sw;
+  k = k.contiguous();
+  PassOut<T> out;
+  out.lse = lse_t.data_ptr<T>();
+  out.lse_given = true;
+  out.k = k.data_ptr<T>();
+  out.x_scale = grl_scale<T>(grl_lambda);
+  alloc_grads(P, x, weight, bias, out);
+  run_blocks(P, opt, out);
+  return finish_grads(P, opt, weight, bias, out);
+}
+
+FwdResult margin_ce_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& target, const OptTensor& bias,
+                            const OptTensor& class_weight, const OptTensor& sample_weight,
+                            const OptTensor& grl_lambda, bool normalize, double scale, double margin, double cos_margin,
+                            double label_smoothing, int64_t ignore_index, int64_t reduction,
+                            bool straight_through, bool compute_grad) {
+  const CeOptions opt = make_options(normalize, scale, margin, cos_margin, label_smoothing,
+                                     ignore_index, reduction, straight_through);
+  check_inputs(x, weight, target, bias, class_weight, sample_weight, opt);
+  const at::Tensor tgt = target.contiguous();
+  check_targets(tgt, weight.size(0), ignore_index);
+  if (loss_dtype(x, weight) == at::kDouble) {
+    return forward_impl<double>(x, weight, tgt, bias, class_weight, sample_weight, grl_lambda,
+                                opt, compute_grad);
+  }
+  return forward_impl<float>(x, weight, tgt, bias, class_weight, sample_weight, grl_lambda, opt,
+                             compute_grad);
+}
+
+BwdResult margin_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x,
+                            const at::Tensor& weight, const at::Tensor& target,
+                            const OptTensor& bias, const OptTensor& class_weight,
+                            const OptTensor& sample_weight, const at::Tensor& lse,
+                            const OptTensor& grl_lambda, bool normalize, double scale,
+                            double margin, double cos_margin, double label_smoothing,
+                            int64_t ignore_index, int64_t reduction, bool straight_through) {
+  const CeOptions opt = make_options(normalize, scale, margin, cos_margin, label_smoothing,
+                                     ignore_index, reduction, straight_through);
+  check_inputs(x, weight, target, bias, class_weight, sample_weight, opt);
+  const at::Tensor tgt = target.contiguous();
+  check_targets(tgt, weight.size(0), ignore_index);
+  if (loss_dtype(x, weight) == at::kDouble) {
+    return backward_impl<double>(grad_loss, x, weight, tgt, bias, class_weight, sample_weight,
+                                 lse, grl_lambda, opt);
+  }
+  return backward_impl<float>(grad_loss, x, weight, tgt, bias, class_weight, sample_weight, lse,
+                              grl_lambda, opt);
+}
+
+}  // namespace
+}  // namespace udat
+
+TORCH_LIBRARY_IMPL(udat_kernels, CPU, m) {
+  m.impl("margin_ce_fwd", &udat::margin_ce_fwd_cpu);
+  m.impl("margin_ce_bwd", &udat::margin_ce_bwd_cpu);
+}

@@ -1,0 +1,44 @@
+// The fused cross-entropy op: options, the argument checks every backend shares, and the
+// per-device entry points. The schema itself is declared once, in udat_ce.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+#include "margin_math.h"
+
+namespace udat {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+// The scalar arguments of both ops, as the schema gives them.
+struct CeOptions {
+  bool normalize;          // angular head (cosine logits) or linear head (x·Wᵀ + b)
+  double scale;            // s (angular only)
+  double margin;           // m2, radians (angular only)
+  double cos_margin;       // m3 (angular only)
+  double label_smoothing;  // ε
+  int64_t ignore_index;
+  Reduction reduction;
+  bool straight_through;   // ψ' = 1
+};
+
+CeOptions make_options(bool normalize, double scale, double margin, double cos_margin,
+                       double label_smoothing, int64_t ignore_index, int64_t reduction,
+                       bool straight_through);
+
+// Shapes, dtypes and devices of the tensor arguments, and the ranges of the scalar ones. Every
+// failure raises a ValueError/TypeError (c10) whose message names the argument.
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+                  const OptTensor& bias, const OptTensor& class_weight,
+                  const OptTensor& sample_weight, const CeOptions& opt);
+
+// float64 when x or weight is float64, float32 otherwise: the dtype of loss and lse.
+at::ScalarType loss_dtype(const at::Tensor& x, const at::Tensor& weight);
+
+using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+}  // namespace udat

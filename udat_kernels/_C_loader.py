@@ -1,0 +1,29 @@
+"""Loads the compiled extension once; `import udat_kernels` never fails when it is missing.
+
+A missing or broken build turns into a reason that the C++ backends report when asked to serve
+(see dispatch.py), instead of an ImportError at import time.
+"""
+
+from __future__ import annotations
+
+_module = None
+_error: str | None = None
+
+try:
+    from . import _C as _module  # registers torch.ops.udat_kernels.margin_ce_{fwd,bwd}
+except ImportError as exc:  # not built, or built against another torch
+    _error = f"{type(exc).__name__}: {exc}"
+
+
+def available() -> bool:
+    return _module is not None
+
+
+def error() -> str | None:
+    return _error
+
+
+def build_info() -> dict:
+    if _module is None:
+        return {"version": None, "torch": None, "cpu": False, "cuda": False, "cuda_archs": ""}
+    return dict(_module.build_info())
