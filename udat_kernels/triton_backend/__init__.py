@@ -1,0 +1,73 @@
+"""The Triton backend: fused margin cross-entropy kernels run by Triton (SPEC §4).
+
+Read top-down: `_common` (margin math, shared jit helpers), `small_c` (the single-pass kernel for
+heads of a few classes), `tiled` (tl.dot tiles for 10^4..10^7 classes), `launch` (the op bodies),
+`registration` (the torch.library ops). `BACKEND` is what udat_kernels.dispatch asks whether it
+can serve a call. Importing this package never fails: without Triton, BACKEND says why.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    _IMPORT_ERROR = None
+except Exception as exc:  # not installed, or no usable driver
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+if _IMPORT_ERROR is None:
+    from . import launch, registration
+    from .small_c import SMALL_C_MAX
+
+    _REGISTER_ERROR = registration.register()
+else:
+    SMALL_C_MAX = 64
+    _REGISTER_ERROR = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend:
+    """dispatch.py's Backend protocol for the Triton ops."""
+
+    name = "triton"
+
+    @property
+    def fwd_op(self):
+        return torch.ops.udat_kernels.margin_ce_fwd_triton.default
+
+    @property
+    def bwd_op(self):
+        return torch.ops.udat_kernels.margin_ce_bwd_triton.default
+
+    def reasons(self, x, weight):
+        why = []
+        if _IMPORT_ERROR is not None:
+            why.append(f"triton is not importable ({_IMPORT_ERROR})")
+        elif _REGISTER_ERROR is not None:
+            why.append(_REGISTER_ERROR)
+        if torch.float64 in (x.dtype, weight.dtype):
+            why.append("the Triton kernels take float32/float16/bfloat16, not float64 (use "
+                       "backend='cpu', 'cuda' or 'reference' for float64)")
+        if x.device.type == "cpu":
+            if not _interpreting():
+                why.append("x is on the CPU: the Triton backend serves CUDA tensors (CPU "
+                           "tensors only under TRITON_INTERPRET=1)")
+        elif x.device.type != "cuda":
+            why.append(f"x is on {x.device.type}, the Triton backend serves CUDA tensors")
+        return why
+
+    def grad_in_forward(self, B, D, C, reduction=None):
+        # Small heads are bandwidth-bound: recomputing in the backward reads x once more but
+        # never writes and re-reads a saved grad x (three passes over B×D instead of four).
+        # Large heads are GEMM-bound: forming the gradient in the forward saves the fourth GEMM.
+        return C > SMALL_C_MAX
+
+
+BACKEND = TritonBackend()

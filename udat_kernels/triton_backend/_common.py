@@ -1,0 +1,155 @@
+"""Shared pieces of the Triton kernels: the margin math of SPEC §2 and launch heuristics.
+
+The `@triton.jit` helpers mirror csrc/margin_math.h expression for expression, so that the Triton,
+CPU and CUDA backends compute the same float32 numbers. Everything here is imported only when
+Triton is importable (see __init__.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The norm floor of F.normalize, and the floor under 1 - c^2 in the exact margin derivative.
+NORM_EPS = 1e-12
+SIN_FLOOR = 1e-12
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def inv_norm(sumsq):
+    """1 / max(sqrt(sumsq), eps): the factor that normalizes a row (and divides its gradient)."""
+    return 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12)
+
+
+@triton.jit
+def margin_psi(c, cos_m, sin_m, threshold, linear_off, cos_margin):
+    """psi(c) of SPEC §2 on the clamped cosine: angular branch above cos(pi - m2), linear below."""
+    c = tl.minimum(tl.maximum(c, -1.0), 1.0)
+    sin_t = tl.sqrt(tl.maximum(1.0 - c * c, 0.0))
+    angular = c * cos_m - sin_t * sin_m - cos_margin
+    linear = c - linear_off - cos_margin
+    return tl.where(c > threshold, angular, linear)
+
+
+@triton.jit
+def margin_dpsi(c, cos_m, sin_m, threshold):
+    """psi'(c) of SPEC §2 (exact gradient); the clamp is identity for the gradient."""
+    c = tl.minimum(tl.maximum(c, -1.0), 1.0)
+    sin2 = tl.maximum(1.0 - c * c, 1e-12)
+    return tl.where(c > threshold, cos_m + c * sin_m / tl.sqrt(sin2), 1.0)
+
+
+@triton.jit
+def row_scale(target_ptr, sw_ptr, gloss_ptr, rows, row_ok, B, C, ignore_index, inv_denom,
+              HAS_SW: tl.constexpr, HAS_GLOSS: tl.constexpr, REDUCTION: tl.constexpr):
+    """k_i of SPEC §2 for a block of rows: v_i x upstream gradient (/ the mean's denominator).
+
+    Zero for padding rows, ignored rows and rows whose target is out of range, so that they
+    contribute no gradient. Returns (target, valid, in_range, v, k), each (BLOCK,).
+    """
+    tgt = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
+    valid = row_ok & (tgt != ignore_index)
+    in_range = (tgt >= 0) & (tgt < C)
+    if HAS_SW:
+        v = tl.load(sw_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+    else:
+        v = valid.to(tl.float32)
+    k = v
+    if HAS_GLOSS:
+        if REDUCTION == 0:
+            k = k * tl.load(gloss_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+        else:
+            k = k * tl.load(gloss_ptr).to(tl.float32)
+    if REDUCTION == 1:
+        k = k * inv_denom
+    k = tl.where(valid & in_range, k, 0.0)
+    return tgt, valid, in_range, v, k
+
+
+@triton.jit
+def denominator_sum(target_ptr, cw_ptr, sw_ptr, B, C, ignore_index,
+                    HAS_CW: tl.constexpr, HAS_SW: tl.constexpr, BLOCK: tl.constexpr):
+    """Sum over rows not ignored of v_i * w_{y_i}: the mean's denominator (fixed order)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, B, BLOCK):
+        rows = start + offs
+        tgt = tl.load(target_ptr + rows, mask=rows < B, other=ignore_index)
+        valid = (rows < B) & (tgt != ignore_index)
+        term = valid.to(tl.float32)
+        if HAS_SW:
+            term = term * tl.load(sw_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+        if HAS_CW:
+            # An out-of-range target is not read: its row has a NaN loss anyway.
+            ok = valid & (tgt >= 0) & (tgt < C)
+            term = term * tl.load(cw_ptr + tgt, mask=ok, other=0.0).to(tl.float32)
+        acc += term
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _mean_denominator_kernel(target_ptr, cw_ptr, sw_ptr, out_ptr, B, C, ignore_index,
+                             HAS_CW: tl.constexpr, HAS_SW: tl.constexpr, BLOCK: tl.constexpr):
+    tl.store(out_ptr, denominator_sum(target_ptr, cw_ptr, sw_ptr, B, C, ignore_index,
+                                      HAS_CW, HAS_SW, BLOCK))
+
+
+# ----------------------------------------------------------------------------------------------
+# host helpers
+# ----------------------------------------------------------------------------------------------
+
+
+class MarginConsts:
+    """The margin's scalars, computed once on the host in double (margin_math.h's MarginParams)."""
+
+    def __init__(self, normalize: bool, scale: float, margin: float, cos_margin: float):
+        if not normalize:
+            scale, margin, cos_margin = 1.0, 0.0, 0.0
+        self.scale = float(scale)
+        self.cos_m = math.cos(margin)
+        self.sin_m = math.sin(margin)
+        self.threshold = math.cos(math.pi - margin)
+        self.linear_off = margin * math.sin(margin)
+        self.cos_margin = float(cos_margin)
+        self.has_margin = margin != 0.0 or cos_margin != 0.0
+
+    def args(self):
+        return (self.scale, self.cos_m, self.sin_m, self.threshold, self.linear_off,
+                self.cos_margin)
+
+
+def mean_denominator(target, class_weight, sample_weight, C, ignore_index) -> torch.Tensor:
+    """Sum of v_i w_{y_i} over rows not ignored, as a float32 0-dim tensor (one launch)."""
+    out = torch.empty((), dtype=torch.float32, device=target.device)
+    B = target.shape[0]
+    block = min(1024, max(16, triton.next_power_of_2(B)))
+    _mean_denominator_kernel[(1,)](
+        target, class_weight if class_weight is not None else target,
+        sample_weight if sample_weight is not None else target, out, B, C, ignore_index,
+        HAS_CW=class_weight is not None, HAS_SW=sample_weight is not None, BLOCK=block)
+    return out
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A placeholder pointer for an absent optional tensor (never read: a constexpr flag says so)."""
+    return t if t is not None else like

@@ -1,0 +1,54 @@
+"""The Triton op pair as torch.library ops, with the C++ ops' schema under new names.
+
+`udat_kernels::margin_ce_fwd_triton` and `udat_kernels::margin_ce_bwd_triton` take their schema
+from the compiled `margin_ce_fwd` / `margin_ce_bwd`, so the two backends cannot drift apart; their
+fake implementations and autograd formula come from udat_kernels.ops.register_op_pair, shared
+with the C++ pair. The kernels are registered for CUDA, and for CPU when TRITON_INTERPRET=1 (the
+interpreter runs them on CPU tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C_loader
+from .. import ops as _ops
+from . import launch
+from ._common import interpreting
+
+FWD_NAME = "margin_ce_fwd_triton"
+BWD_NAME = "margin_ce_bwd_triton"
+
+_lib = None
+
+
+def _renamed_schema(op, new_name: str) -> str:
+    schema = str(op._schema)  # "udat_kernels::margin_ce_fwd(Tensor x, ...) -> (...)"
+    args = schema[schema.index("("):]
+    return new_name + args
+
+
+def _registered() -> bool:
+    return hasattr(torch.ops.udat_kernels, FWD_NAME)
+
+
+def register() -> str | None:
+    """Define and implement the Triton ops once; returns why they could not be, or None."""
+    global _lib
+    if _lib is not None or _registered():
+        return None
+    if not _C_loader.available():
+        return (f"the Triton ops take their schema from the compiled extension, which is not "
+                f"importable ({_C_loader.error()})")
+    cpp = torch.ops.udat_kernels
+    lib = torch.library.Library("udat_kernels", "FRAGMENT")
+    lib.define(_renamed_schema(cpp.margin_ce_fwd.default, FWD_NAME))
+    lib.define(_renamed_schema(cpp.margin_ce_bwd.default, BWD_NAME))
+    keys = ["CUDA"] + (["CPU"] if interpreting() else [])
+    for key in keys:
+        lib.impl(FWD_NAME, launch.margin_ce_fwd, key)
+        lib.impl(BWD_NAME, launch.margin_ce_bwd, key)
+    _lib = lib
+    _ops.register_op_pair(f"udat_kernels::{FWD_NAME}",
+                          getattr(torch.ops.udat_kernels, BWD_NAME).default)
+    return None

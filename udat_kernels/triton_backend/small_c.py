@@ -1,0 +1,331 @@
+"""Small-C path: one kernel that reads each row block of x once (the paper's heads, C = 2 or 7).
+
+Per row block the kernel computes the row norms, the cosines (or plain logits) against every
+class, the margin, the log-sum-exp and the loss, and — when a gradient is asked for — grad x
+(times −λ) in the same pass, while x's block is still in L1/L2. grad weight needs a sum over
+all rows: a kernel that owns the only row block writes it directly (the paper's batch of 64: one
+launch), otherwise each program accumulates its rows into its own fp32 partial (programs, C, D)
+and a second kernel sums the partials in a fixed order, so the result is deterministic.
+
+All classes of a row are held in registers (BLOCK_C = next power of two of C), so this path is
+for C up to SMALL_C_MAX; larger heads take the tiled path (tiled.py). The class dimension is
+too narrow for tensor cores, so the products are broadcast multiply-adds in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (MarginConsts, denominator_sum, dummy, inv_norm, margin_dpsi, margin_psi,
+                      mean_denominator, num_sms, row_scale)
+
+# Largest C served by this path (the class block lives in registers).
+SMALL_C_MAX = 64
+# Upper bound on rows per block; and on programs (None: 4 per SM; the interpreter uses 2).
+BLOCK_ROWS_MAX = 64
+MAX_PROGRAMS = None
+# Elements of the (rows, classes, features) broadcast product one step may hold.
+_PRODUCT_BUDGET = 8192
+
+
+@triton.jit
+def _small_c_kernel(
+    x_ptr, w_ptr, target_ptr, bias_ptr, cw_ptr, sw_ptr, gloss_ptr, lam_ptr, denom_ptr,
+    loss_ptr, lse_ptr, red_ptr, gx_ptr, gw_ptr, gb_ptr, gw_part_ptr, col_part_ptr, wnorm_ptr,
+    B, C, D, stride_x, stride_w, ignore_index,
+    scale, cos_m, sin_m, threshold, linear_off, cos_margin, smoothing,
+    NORMALIZE: tl.constexpr, HAS_MARGIN: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, HAS_SW: tl.constexpr,
+    HAS_GLOSS: tl.constexpr, HAS_LAMBDA: tl.constexpr, REDUCTION: tl.constexpr,
+    WRITE_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DENOM_INLINE: tl.constexpr,
+    SINGLE_PROGRAM: tl.constexpr, GW_DIRECT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Loss and/or gradient of row blocks pid, pid + programs, ...
+
+    x (B, D), w (C, D), target (B,); loss (B,) or (), lse (B,), red (programs, 2) partial
+    (loss sum, denominator) when several programs reduce; gx (B, D), gw (C, D), gb (C,) or the
+    fp32 partials gw_part (programs, C, D) and col_part (programs, C) (Σ_i G_ij c_ij for the
+    angular head, Σ_i δ_ij = grad bias for the linear one); wnorm (C,) the weight row norms.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0)
+    n_blocks = tl.cdiv(B, BLOCK_B)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    offs_d = tl.arange(0, BLOCK_D)
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+
+    if HAS_CW:
+        wj = tl.load(cw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        wj = col_ok.to(tl.float32)
+    wsum = tl.sum(wj, 0)
+    smooth_b = smoothing / C
+
+    # Weight row norms: every program needs them and W is small on this path.
+    if NORMALIZE:
+        wsq = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            w = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & (dd < D)[None, :],
+                        other=0.0).to(tl.float32)
+            wsq += tl.sum(w * w, 1)
+        inv_w = inv_norm(wsq)
+        proj_w = tl.sqrt(wsq) >= 1e-12
+        if COMPUTE_GRAD and not GW_DIRECT:
+            tl.store(wnorm_ptr + cols, tl.sqrt(wsq), mask=col_ok & (pid == 0))
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+
+    inv_denom = 1.0
+    if COMPUTE_GRAD and REDUCTION == 1:
+        if DENOM_INLINE:
+            denom = denominator_sum(target_ptr, cw_ptr, sw_ptr, B, C, ignore_index,
+                                    HAS_CW, HAS_SW, BLOCK_B)
+        else:
+            denom = tl.load(denom_ptr)
+        # An empty or fully ignored batch has a NaN loss and zero gradients (as torch).
+        inv_denom = tl.where(denom != 0.0, 1.0 / tl.where(denom != 0.0, denom, 1.0), 0.0)
+    if HAS_LAMBDA:
+        neg_lambda = -tl.load(lam_ptr).to(tl.float32)
+
+    loss_acc = tl.full((), 0.0, tl.float32)
+    den_acc = tl.full((), 0.0, tl.float32)
+    for blk in range(pid, n_blocks, nprog):
+        rows = blk * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        rows64 = rows.to(tl.int64)
+        x_rows = x_ptr + rows64[:, None] * stride_x
+        tgt, valid, in_range, v, k = row_scale(
+            target_ptr, sw_ptr, gloss_ptr, rows, row_ok, B, C, ignore_index, inv_denom,
+            HAS_SW, HAS_GLOSS, REDUCTION)
+        is_t = (cols[None, :] == tgt[:, None]) & valid[:, None]
+
+        # Pass 1 over the features: raw dot products and row sums of squares.
+        acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+        xsq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            d_ok = dd < D
+            xt = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                         other=0.0).to(tl.float32)
+            wt = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                         other=0.0).to(tl.float32)
+            acc += tl.sum(xt[:, None, :] * wt[None, :, :], 2)
+            xsq += tl.sum(xt * xt, 1)
+
+        # Logits, log-sum-exp and loss, all in registers.
+        if NORMALIZE:
+            inv_x = inv_norm(xsq)
+            cos = acc * inv_x[:, None] * inv_w[None, :]
+            if HAS_MARGIN:
+                psi = margin_psi(cos, cos_m, sin_m, threshold, linear_off, cos_margin)
+                z = scale * tl.where(is_t, psi, cos)
+            else:
+                z = scale * cos
+        else:
+            z = acc
+            if HAS_BIAS:
+                z = z + bias[None, :]
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        m = tl.max(z, 1)
+        lse = m + tl.log(tl.sum(tl.exp(z - m[:, None]), 1))
+        z_y = tl.sum(tl.where(is_t, z, 0.0), 1)
+        w_y = tl.sum(tl.where(is_t, wj[None, :], 0.0), 1)
+        a = (1.0 - smoothing) * w_y
+
+        if WRITE_LOSS:
+            wz = tl.sum(tl.where(col_ok[None, :], z, 0.0) * wj[None, :], 1)
+            loss = v * (a * (lse - z_y) + smooth_b * (wsum * lse - wz))
+            # A target outside [0, C) gets a NaN loss; nothing is read out of bounds.
+            loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
+            if REDUCTION == 0:
+                tl.store(loss_ptr + rows, loss, mask=row_ok)
+            tl.store(lse_ptr + rows, lse, mask=row_ok)
+            loss_acc += tl.sum(loss, 0)
+            den_acc += tl.sum(tl.where(valid, v * w_y, 0.0), 0)
+
+        if COMPUTE_GRAD:
+            p = tl.exp(z - lse[:, None])
+            delta = p * (a + smooth_b * wsum)[:, None] - smooth_b * wj[None, :]
+            delta = k[:, None] * (delta - tl.where(is_t, a[:, None], 0.0))
+            if NORMALIZE:
+                g = scale * delta
+                if HAS_MARGIN and not STRAIGHT_THROUGH:
+                    c_y = tl.sum(tl.where(is_t, cos, 0.0), 1)
+                    dpsi = margin_dpsi(c_y, cos_m, sin_m, threshold)
+                    g = tl.where(is_t, g * dpsi[:, None], g)
+                g = tl.where(col_ok[None, :], g, 0.0)
+                # gx̂·x̂ = Σ_j G_ij c_ij and gŵ·ŵ = Σ_i G_ij c_ij: the projections of the norm's
+                # gradient need no second reduction over the features.
+                row_t = tl.sum(g * cos, 1)
+                row_t = tl.where(tl.sqrt(xsq) >= 1e-12, row_t, 0.0)
+                col_t = tl.sum(g * cos, 0)
+            else:
+                g = tl.where(col_ok[None, :], delta, 0.0)
+                col_t = tl.sum(g, 0)
+
+            # Pass 2 over the features (x's block is hot in cache): grad x, grad W.
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                d_ok = dd < D
+                xt = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                             other=0.0).to(tl.float32)
+                wt = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                             other=0.0).to(tl.float32)
+                if NORMALIZE:
+                    w_hat = wt * inv_w[:, None]
+                    x_hat = xt * inv_x[:, None]
+                    gx = tl.sum(g[:, :, None] * w_hat[None, :, :], 1)
+                    gx = inv_x[:, None] * (gx - row_t[:, None] * x_hat)
+                    gw = tl.sum(g[:, :, None] * x_hat[:, None, :], 0)
+                else:
+                    gx = tl.sum(g[:, :, None] * wt[None, :, :], 1)
+                    gw = tl.sum(g[:, :, None] * xt[:, None, :], 0)
+                if HAS_LAMBDA:
+                    gx = gx * neg_lambda
+                tl.store(gx_ptr + rows64[:, None] * D + dd[None, :],
+                         gx.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                gw_mask = col_ok[:, None] & d_ok[None, :]
+                if GW_DIRECT:
+                    if NORMALIZE:
+                        gw = inv_w[:, None] * (gw - tl.where(proj_w, col_t, 0.0)[:, None] * w_hat)
+                    tl.store(gw_ptr + cols.to(tl.int64)[:, None] * D + dd[None, :],
+                             gw.to(gw_ptr.dtype.element_ty), mask=gw_mask)
+                else:
+                    part = gw_part_ptr + (pid * C + cols)[:, None] * D + dd[None, :]
+                    prev = tl.load(part, mask=gw_mask & (blk != pid), other=0.0)
+                    tl.store(part, prev + gw, mask=gw_mask)
+            if GW_DIRECT:
+                if HAS_BIAS:
+                    tl.store(gb_ptr + cols, col_t.to(gb_ptr.dtype.element_ty), mask=col_ok)
+            else:
+                part = col_part_ptr + pid * C + cols
+                prev = tl.load(part, mask=col_ok & (blk != pid), other=0.0)
+                tl.store(part, prev + col_t, mask=col_ok)
+
+    if WRITE_LOSS and REDUCTION != 0:
+        if SINGLE_PROGRAM:
+            if REDUCTION == 1:
+                loss_acc = loss_acc / den_acc
+            tl.store(loss_ptr, loss_acc)
+        else:
+            tl.store(red_ptr + pid * 2, loss_acc)
+            tl.store(red_ptr + pid * 2 + 1, den_acc)
+
+
+@triton.jit
+def _small_c_grad_weight_kernel(
+    w_ptr, wnorm_ptr, gw_part_ptr, col_part_ptr, gw_ptr, gb_ptr, P, C, D, stride_w,
+    NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """grad W (C, D) (and grad bias) from the per-program partials, summed in a fixed order.
+
+    Grid (C, cdiv(D, BLOCK_D)). Angular: grad W_j = (gŵ_j − [‖W_j‖ ≥ eps] t_j ŵ_j) / max(‖W_j‖,
+    eps) with t_j = Σ_i G_ij c_ij; linear: grad W_j = Σ_i δ_ij x_i, grad b_j = Σ_i δ_ij.
+    """
+    j = tl.program_id(0).to(tl.int64)
+    dd = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    offs_p = tl.arange(0, BLOCK_P)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    t_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        pp = (p0 + offs_p).to(tl.int64)
+        p_ok = pp < P
+        part = tl.load(gw_part_ptr + (pp * C + j)[:, None] * D + dd[None, :],
+                       mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(part, 0)
+        t_acc += tl.load(col_part_ptr + pp * C + j, mask=p_ok, other=0.0)
+    t = tl.sum(t_acc, 0)
+    if NORMALIZE:
+        norm = tl.load(wnorm_ptr + j)
+        inv_w = 1.0 / tl.maximum(norm, 1e-12)
+        w = tl.load(w_ptr + j * stride_w + dd, mask=d_ok, other=0.0).to(tl.float32)
+        t = tl.where(norm >= 1e-12, t, 0.0)
+        acc = inv_w * (acc - t * w * inv_w)
+    tl.store(gw_ptr + j * D + dd, acc.to(gw_ptr.dtype.element_ty), mask=d_ok)
+    if HAS_BIAS:
+        tl.store(gb_ptr + j, t.to(gb_ptr.dtype.element_ty), mask=tl.program_id(1) == 0)
+
+
+def _config(B: int, C: int, D: int):
+    block_c = triton.next_power_of_2(C)
+    block_b = min(BLOCK_ROWS_MAX, triton.next_power_of_2(max(B, 1)), max(1, 1024 // block_c))
+    block_d = max(16, min(triton.next_power_of_2(D), _PRODUCT_BUDGET // (block_b * block_c)))
+    num_warps = 4 if block_b * block_c * block_d <= 4096 else 8
+    return block_b, block_c, block_d, num_warps
+
+
+def _programs(n_blocks: int, device: torch.device) -> int:
+    cap = MAX_PROGRAMS if MAX_PROGRAMS is not None else (
+        4 * num_sms(device) if device.type == "cuda" else 2)
+    return max(1, min(n_blocks, cap))
+
+
+def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambda, grad_loss,
+                   consts: MarginConsts, normalize, smoothing, ignore_index, reduction,
+                   straight_through, write_loss, compute_grad):
+    """Run the small-C kernel; returns (loss, lse, grad_x, grad_weight, grad_bias).
+
+    x (B, D), weight (C, D) contiguous rows; grl_lambda a float32 0-dim tensor on x's device or
+    None; grad_loss (B,) / () or None (an upstream gradient of one). Outputs that are not asked
+    for are empty tensors of shape (0,).
+    """
+    B, D = x.shape
+    C = weight.shape[0]
+    dev = x.device
+    block_b, block_c, block_d, num_warps = _config(B, C, D)
+    n_blocks = triton.cdiv(B, block_b)
+    P = _programs(n_blocks, dev)
+    gw_direct = n_blocks == 1
+    f32 = dict(dtype=torch.float32, device=dev)
+
+    loss = torch.empty((B,) if reduction == 0 else (), **f32) if write_loss else None
+    lse = torch.empty((B,), **f32) if write_loss else None
+    red = torch.empty((P, 2), **f32) if write_loss and reduction != 0 and P > 1 else None
+    empty = torch.empty((0,), **f32)
+    if compute_grad:
+        gx = torch.empty_like(x)
+        gw = torch.empty_like(weight)
+        gb = torch.empty_like(bias) if bias is not None else None
+        gw_part = None if gw_direct else torch.empty((P, C, D), **f32)
+        col_part = None if gw_direct else torch.empty((P, C), **f32)
+    else:
+        gx = gw = gb = gw_part = col_part = None
+    wnorm = torch.empty((C,), **f32) if compute_grad and normalize and not gw_direct else None
+    denom = None
+    if compute_grad and reduction == 1 and P > 1:
+        denom = mean_denominator(target, class_weight, sample_weight, C, ignore_index)
+
+    def ptr(t):
+        return dummy(t, empty)
+
+    _small_c_kernel[(P,)](
+        x, weight, target, ptr(bias), ptr(class_weight), ptr(sample_weight), ptr(grad_loss),
+        ptr(grl_lambda), ptr(denom), ptr(loss), ptr(lse), ptr(red), ptr(gx), ptr(gw), ptr(gb),
+        ptr(gw_part), ptr(col_part), ptr(wnorm),
+        B, C, D, x.stride(0), weight.stride(0), ignore_index, *consts.args(), smoothing,
+        NORMALIZE=normalize, HAS_MARGIN=consts.has_margin, STRAIGHT_THROUGH=straight_through,
+        HAS_BIAS=bias is not None, HAS_CW=class_weight is not None,
+        HAS_SW=sample_weight is not None, HAS_GLOSS=grad_loss is not None,
+        HAS_LAMBDA=grl_lambda is not None, REDUCTION=reduction, WRITE_LOSS=write_loss,
+        COMPUTE_GRAD=compute_grad, DENOM_INLINE=P == 1, SINGLE_PROGRAM=P == 1,
+        GW_DIRECT=gw_direct, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
+        num_warps=num_warps)
+
+    if compute_grad and not gw_direct:
+        block_dw = min(256, max(16, triton.next_power_of_2(D)))
+        _small_c_grad_weight_kernel[(C, triton.cdiv(D, block_dw))](
+            weight, ptr(wnorm), gw_part, col_part, gw, ptr(gb), P, C, D, weight.stride(0),
+            NORMALIZE=normalize, HAS_BIAS=bias is not None,
+            BLOCK_P=min(16, triton.next_power_of_2(P)), BLOCK_D=block_dw)
+    if red is not None:
+        # A few hundred partials, summed by torch in a fixed order.
+        total = red.sum(0)
+        loss = total[0] / total[1] if reduction == 1 else total[0]
+    return loss, lse, gx, gw, gb
