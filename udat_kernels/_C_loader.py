@@ -6,6 +6,8 @@ A missing or broken build turns into a reason that the C++ backends report when 
 
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 _module = None
 _error: str | None = None
 

@@ -79,7 +79,9 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
     P.w_norm = at::linalg_vector_norm(P.wa, 2, {1});
     P.x_inv = P.x_norm.clamp_min(kNormEps).reciprocal();
     P.w_inv = P.w_norm.clamp_min(kNormEps).reciprocal();
-    P.feats = P.xa * P.x_inv.unsqueeze(1);
+    // Divide rather than multiply by the reciprocal: a row parallel to a class centre then
+    // gives a cosine of exactly ±1, where ψ is ill-conditioned (sqrt(1 - c²)).
+    P.feats = P.xa / P.x_norm.clamp_min(kNormEps).unsqueeze(1);
   } else {
     P.feats = P.xa;
   }
@@ -123,10 +125,11 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
   const T* cw = P.cw.defined() ? P.cw.template data_ptr<T>() : nullptr;
   const T* sw = P.sw.defined() ? P.sw.template data_ptr<T>() : nullptr;
   const T* w_inv = opt.normalize ? P.w_inv.template data_ptr<T>() : nullptr;
+  const T* w_norm = opt.normalize ? P.w_norm.template data_ptr<T>() : nullptr;
 
   T c_y = 0;  // the target cosine, kept for ψ'
   if (opt.normalize) {
-    if (valid) c_y = z[y] * w_inv[y];
+    if (valid) c_y = z[y] / std::max(w_norm[y], T(kNormEps));  // division: see make_problem
     for (int64_t j = 0; j < C; ++j) z[j] *= mp.scale * w_inv[j];
     if (valid) z[y] = mp.scale * margin_psi(c_y, mp);
   } else if (P.bias.defined()) {
@@ -141,9 +144,11 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
     T m = -std::numeric_limits<T>::infinity();
     for (int64_t j = 0; j < C; ++j) m = z[j] > m ? z[j] : m;
     const T shift = std::isinf(m) ? T(0) : m;  // all -inf: keep lse = -inf, not NaN
-    T sum = 0;
+    // Sums over up to millions of classes: a double accumulator keeps float32 rows exact to
+    // rounding of the terms (a float one drifts by ~sqrt(C) ulps).
+    double sum = 0;
     for (int64_t j = 0; j < C; ++j) sum += std::exp(z[j] - shift);
-    lse = shift + std::log(sum);
+    lse = shift + T(std::log(sum));
     out.lse[i] = lse;
   }
 
@@ -152,11 +157,11 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
   if (out.loss_rows) {
     T loss = 0;
     if (valid) {
-      T wz = 0;
+      double wz = 0;
       if (rc.b != T(0)) {
         for (int64_t j = 0; j < C; ++j) wz += (cw ? cw[j] : T(1)) * z[j];
       }
-      loss = (sw ? sw[i] : T(1)) * row_loss(rc, lse, z[y], P.wsum, wz);
+      loss = (sw ? sw[i] : T(1)) * row_loss(rc, lse, z[y], P.wsum, T(wz));
     }
     out.loss_rows[i] = loss;
   }

@@ -1,0 +1,51 @@
+# udat-kernels: the two commands of a fresh machine are `make demo` and `make test`; both set up
+# the virtual environment and build the extension first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.14.1
+# Compute capabilities of the CUDA kernels, where a toolkit and a CUDA torch are present.
+export UDAT_CUDA_ARCHS ?= 8.0;9.0
+export MAX_JOBS ?= 2
+
+DEPS_STAMP := $(VENV)/.deps-installed
+EXT_STAMP := $(VENV)/.ext-built
+EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h python/*.cpp)
+
+.PHONY: setup demo test pytest ctest bench clean
+
+setup: $(EXT_STAMP)
+
+$(DEPS_STAMP): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The editable install registers the package and its console scripts and builds udat_kernels._C
+# in place; a changed source rebuilds it incrementally.
+$(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES) pyproject.toml
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) setup.py --quiet build_ext --inplace
+	$(PY) -c "import udat_kernels; print('udat-kernels built:', udat_kernels.build_info())"
+	touch $@
+
+demo: setup
+	$(PY) -m udat_kernels.experiment --source mnist5k --target digits --seeds 0 1 2 --out runs/demo
+
+test: setup pytest ctest
+
+pytest: setup
+	$(PY) -m pytest tests -q -ra
+
+ctest: setup
+	cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) > /dev/null
+	cmake --build build-cmake -j $(MAX_JOBS)
+	ctest --test-dir build-cmake --output-on-failure
+
+bench: setup
+	$(PY) benchmarks/report.py
+
+clean:
+	rm -rf build build-cmake udat_kernels/_C*.so $(EXT_STAMP)

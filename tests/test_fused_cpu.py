@@ -1,0 +1,207 @@
+"""The C++ CPU backend against the float64 reference (SPEC §2): shapes, dtypes, every keyword,
+row-block boundaries, extremes of the cosine, zero vectors, empty and NaN inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import udat_kernels as uk
+from helpers import (assert_close_spec, check_against_reference, make_inputs, run_loss,
+                     tolerance)
+
+pytestmark = pytest.mark.skipif(not uk._C_loader.available(),
+                                reason=f"extension not built: {uk._C_loader.error()}")
+
+ANGULAR = uk.angular_margin_cross_entropy
+LINEAR = uk.linear_cross_entropy
+
+
+def fn(angular):
+    return ANGULAR if angular else LINEAR
+
+
+@pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
+@pytest.mark.parametrize("C", [1, 2, 7, 1000, 50000])
+@pytest.mark.parametrize("D", [1, 3, 130])
+@pytest.mark.parametrize("B", [1, 17, 64])
+def test_shapes_float32(B, D, C, angular):
+    x, w, t = make_inputs(B, D, C, seed=B * 7 + D * 3 + C)
+    kwargs = {"backend": "cpu"}
+    if angular and D == 1:
+        # With one feature every cosine is ±1, where the exact margin derivative is unbounded
+        # (SPEC §2): check the straight-through gradient, and the exact one for finiteness. The
+        # true gradient is 0 (the projection removes everything), so what remains is float32
+        # cancellation of terms of size s/|v|: an absolute bound.
+        out = run_loss(ANGULAR, x, w, t, backend="cpu")
+        assert all(torch.isfinite(o).all() for o in out)
+        kwargs["margin_grad"] = "straight_through"
+        kwargs["grad_tol"] = (1e-5, 1e-4)
+    bias = torch.randn(C) if not angular else None
+    check_against_reference(fn(angular), x, w, t, angular=angular, bias=bias, **kwargs)
+
+
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16), (torch.float64, torch.float64),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.float64),
+]
+
+
+@pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
+@pytest.mark.parametrize("x_dtype,w_dtype", DTYPE_PAIRS, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("B,D,C", [(17, 130, 7), (64, 33, 1000)])
+def test_dtypes(B, D, C, x_dtype, w_dtype, angular):
+    x, w, t = make_inputs(B, D, C, x_dtype=x_dtype, w_dtype=w_dtype, seed=C + D)
+    bias = None if angular else torch.randn(C).to(w_dtype)
+    check_against_reference(fn(angular), x, w, t, angular=angular, bias=bias, backend="cpu")
+
+
+KEYWORDS = {
+    "default": {},
+    "arcface_m0": {"margin": 0.0},
+    "cosface": {"margin": 0.0, "cos_margin": 0.35},
+    "both_margins": {"margin": 0.3, "cos_margin": 0.2},
+    "scale30": {"scale": 30.0},
+    "class_weight": {"class_weight": "C"},
+    "sample_weight": {"sample_weight": "B"},
+    "smoothing": {"label_smoothing": 0.1},
+    "smoothing_weights": {"label_smoothing": 0.2, "class_weight": "C", "sample_weight": "B"},
+    "ignore_index": {"ignore_index": 3, "_ignore": True},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "none_weighted": {"reduction": "none", "class_weight": "C", "label_smoothing": 0.05},
+    "grl_float": {"grl_lambda": 0.7},
+    "grl_tensor": {"grl_lambda": "tensor"},
+    "grl_none_reduction": {"grl_lambda": 0.3, "reduction": "none"},
+    "straight_through": {"margin_grad": "straight_through"},
+}
+
+
+def _materialize(kwargs, B, C, angular, t):
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    for k, v in kwargs.items():
+        if k == "_ignore":
+            t[::3] = kwargs.get("ignore_index", -100)
+            continue
+        if v == "C":
+            v = torch.rand(C, generator=g) + 0.2
+        elif v == "B":
+            v = torch.rand(B, generator=g) + 0.2
+        elif v == "tensor":
+            v = torch.tensor(0.45)
+        out[k] = v
+    if not angular:
+        for k in ("margin", "cos_margin", "scale", "margin_grad"):
+            out.pop(k, None)
+    return out
+
+
+@pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
+@pytest.mark.parametrize("name", list(KEYWORDS))
+@pytest.mark.parametrize("B,D,C", [(17, 130, 7), (64, 3, 1000)])
+def test_keywords(B, D, C, name, angular):
+    x, w, t = make_inputs(B, D, C, seed=11)
+    kwargs = _materialize(KEYWORDS[name], B, C, angular, t)
+    bias = None if angular else torch.randn(C)
+    check_against_reference(fn(angular), x, w, t, angular=angular, bias=bias, backend="cpu",
+                            **kwargs)
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 5, 16])
+@pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
+def test_row_block_boundaries(monkeypatch, rows_per_block, angular):
+    """Force several row blocks (a partial last one too) on a small problem."""
+    B, D, C = 37, 65, 300
+    monkeypatch.setenv("UDAT_CPU_BLOCK_BYTES", str(rows_per_block * C * 4))
+    x, w, t = make_inputs(B, D, C, seed=rows_per_block)
+    for reduction in ("mean", "none"):
+        check_against_reference(fn(angular), x, w, t, angular=angular, backend="cpu",
+                                reduction=reduction, label_smoothing=0.1, grl_lambda=0.5)
+
+
+@pytest.mark.parametrize("c", [1.0, 0.9999, -1.0, -0.9999])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cosine_extremes(c, dtype):
+    """At |c| -> 1 results are finite; the straight-through gradient still matches tightly."""
+    x, w, t = make_inputs(9, 12, 5, seed=3, x_dtype=dtype, w_dtype=dtype, target_cos=c)
+    out = run_loss(ANGULAR, x, w, t, backend="cpu")
+    assert all(torch.isfinite(o).all() for o in out), "non-finite result at |c| = 1"
+    check_against_reference(ANGULAR, x, w, t, backend="cpu", margin_grad="straight_through",
+                            check_grads=abs(c) < 1)
+    check_against_reference(ANGULAR, x, w, t, backend="cpu", check_grads=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
+def test_zero_vectors(dtype, angular):
+    x, w, t = make_inputs(8, 6, 5, x_dtype=dtype, w_dtype=dtype, seed=2)
+    x[2] = 0
+    w[t[4]] = 0  # a zero class centre that is somebody's target
+    w[(t[0] + 1) % 5] = 0
+    check_against_reference(fn(angular), x, w, t, angular=angular, backend="cpu")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
+def test_empty_batch_matches_torch(reduction, angular):
+    x = torch.zeros(0, 8, requires_grad=True)
+    w = torch.randn(5, 8, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long)
+    loss = fn(angular)(x, w, t, reduction=reduction, backend="cpu")
+    expected = F.cross_entropy(torch.zeros(0, 5), t, reduction=reduction)
+    assert loss.shape == expected.shape
+    assert torch.equal(torch.isnan(loss), torch.isnan(expected))
+    if reduction != "none":
+        loss.backward()
+        assert torch.count_nonzero(w.grad) == 0
+
+
+@pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
+def test_all_ignored_is_nan_with_zero_grads(angular):
+    x, w, t = make_inputs(6, 4, 3, seed=4)
+    t[:] = -100
+    out = run_loss(fn(angular), x, w, t, backend="cpu")
+    assert torch.isnan(out[0])
+    assert torch.count_nonzero(out[1]) == 0 and torch.count_nonzero(out[2]) == 0
+
+
+@pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
+def test_nan_features_match_torch(angular):
+    x, w, t = make_inputs(4, 6, 3, seed=5)
+    x[1, 2] = float("nan")
+    loss = fn(angular)(x, w, t, backend="cpu", reduction="none")
+    ref = F.cross_entropy(x @ w.t(), t, reduction="none")
+    assert torch.equal(torch.isnan(loss), torch.isnan(ref))
+    assert torch.isnan(fn(angular)(x, w, t, backend="cpu"))
+
+
+def test_reference_without_margin_is_torch_cross_entropy():
+    """The reference itself: with no margin it is torch's cross_entropy of s·cos."""
+    x, w, t = make_inputs(13, 9, 6, seed=8, x_dtype=torch.float64, w_dtype=torch.float64)
+    cw = torch.rand(6, dtype=torch.float64) + 0.1
+    ours = uk.reference.angular_margin_cross_entropy(x, w, t, scale=10.0, margin=0.0,
+                                                     class_weight=cw, label_smoothing=0.15)
+    logits = 10.0 * F.normalize(x) @ F.normalize(w).t()
+    torch.testing.assert_close(ours, F.cross_entropy(logits, t, weight=cw, label_smoothing=0.15))
+
+
+def test_margin_lowers_target_logit():
+    """A test that can fail: the margin must change the loss in the right direction."""
+    x, w, t = make_inputs(16, 32, 4, seed=9)
+    plain = ANGULAR(x, w, t, margin=0.0, backend="cpu")
+    arc = ANGULAR(x, w, t, margin=0.5, backend="cpu")
+    cos = ANGULAR(x, w, t, margin=0.0, cos_margin=0.3, backend="cpu")
+    assert arc > plain and cos > plain
+
+
+def test_angular_logits():
+    x, w, _ = make_inputs(5, 7, 3, seed=1, x_dtype=torch.bfloat16)
+    got = uk.angular_logits(x, w, scale=30.0)
+    ref = 30.0 * F.normalize(x.double()) @ F.normalize(w.double()).t()
+    assert got.dtype == torch.float32
+    assert_close_spec(got, ref, *tolerance(torch.float32))
