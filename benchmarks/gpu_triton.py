@@ -1,0 +1,242 @@
+"""The Triton stage of the GPU check (issue 3, item 5): correctness, paper-size, bandwidth and
+large-C figures of backend="triton", printed row by row as they are measured.
+
+    python -m benchmarks.gpu_triton [--budget-s SECONDS] [--stages correctness,paper,...]
+
+Stages, in order; each is skipped (with a line saying so) when the deadline leaves it no time:
+  correctness  fp32/bf16/fp16 on a subset of the test matrix (small-C and tiled paths), against
+               the float64 reference with SPEC §2's tolerances;
+  paper        (64, 1024, 2) and (64, 1024, 7): kernel launches of forward+backward (target
+               <= 2) and the step time by CUDA-graph replay (target <= 30 µs), vs the eager
+               reference and torch.compile of it;
+  bandwidth    (65536, 1024, 2) and (65536, 1024, 7): fraction of the memory floor — three
+               passes over B×D at the measured device-to-device copy bandwidth (target >= 70%);
+  largec       (8192, 512, 1e5) and (8192, 512, 1e6) bf16: fraction of the measured bf16 GEMM
+               rate for the useful 3·2·B·C·D flops (target >= 50%), time vs torch.compile, and
+               extra peak memory vs the eager reference (target <= 25% where it fits).
+Every timed step is forward + loss.backward() into x and the weight; extra peak memory is the
+maximum allocated during the step minus the memory allocated before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+from benchmarks import harness, providers
+from benchmarks.harness import Case
+
+STAGES = ("correctness", "paper", "bandwidth", "largec")
+# Rough seconds each stage needs; a stage starts only if the deadline leaves this much.
+STAGE_COST_S = {"correctness": 20, "paper": 40, "bandwidth": 40, "largec": 90}
+
+
+def say(*parts) -> None:
+    print("[triton]", *parts, flush=True)
+
+
+def _fmt_s(s: float) -> str:
+    if s != s:  # NaN
+        return "n/a"
+    return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.3f} ms"
+
+
+def _fmt_b(b: float) -> str:
+    return "n/a" if b != b else f"{b / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_correctness(deadline: float) -> bool:
+    """A subset of tests/test_triton.py's matrix on the GPU; True when every case passes."""
+    sys.path.insert(0, "tests")
+    from helpers import check_against_reference, make_inputs
+
+    import udat_kernels as uk
+
+    cases = [(64, 1024, 2), (64, 1024, 7), (300, 130, 7), (257, 96, 1000), (64, 64, 5003)]
+    ok = True
+    for B, D, C in cases:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            if time.monotonic() > deadline:
+                say("correctness: deadline reached, remaining cases skipped")
+                return ok
+            for angular in (True, False):
+                x, w, t = make_inputs(B, D, C, x_dtype=dtype, w_dtype=dtype, seed=C,
+                                      device="cuda")
+                kw = {"label_smoothing": 0.1, "grl_lambda": 0.5}
+                if not angular:
+                    kw["bias"] = torch.randn(C, device="cuda").to(dtype)
+                fn = uk.angular_margin_cross_entropy if angular else uk.linear_cross_entropy
+                name = f"{'angular' if angular else 'linear'} B={B} D={D} C={C} {dtype}"
+                try:
+                    check_against_reference(fn, x, w, t, angular=angular, backend="triton", **kw)
+                    say(f"correctness {name}: ok")
+                except AssertionError as e:
+                    ok = False
+                    say(f"correctness {name}: FAIL {e}")
+    return ok
+
+
+def count_launches(case: Case) -> dict:
+    """CUDA kernels (and memsets/copies) one forward+backward step of ours:triton launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    built = providers.build("ours:triton", case)
+    for _ in range(3):  # compile and warm up outside the profile
+        built.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        built.step()
+        torch.cuda.synchronize()
+    ours, torch_kernels, other = [], [], []
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = ev.name
+        if name.lower().startswith(("memset", "memcpy")):
+            other.append(name)
+        elif name.startswith("_") and "kernel" in name and "at::" not in name:
+            ours.append(name)  # the Triton kernels, named after their jit functions
+        else:
+            torch_kernels.append(name[:60])  # e.g. autograd's fill of the seed gradient
+    return {"ours": ours, "torch": torch_kernels, "memset_memcpy": len(other)}
+
+
+def _row(case: Case, impl: str, graph: bool, budget_s: float) -> harness.Row:
+    row = harness.measure(case, impl, budget_s=budget_s, graph=graph)
+    graph_s = row.extra.get("graph_median_s", math.nan)
+    say(f"{case.label()} {impl:12s} {row.status:7s} median {_fmt_s(row.median_s)}  "
+        f"graph {_fmt_s(graph_s)}  extra peak {_fmt_b(row.peak_mem_bytes)}"
+        + (f"  ({row.reason})" if row.reason else ""))
+    return row
+
+
+def stage_paper(deadline: float) -> None:
+    for C in (2, 7):
+        for dtype in ("fp32", "bf16"):
+            if time.monotonic() > deadline:
+                say("paper: deadline reached, rest skipped")
+                return
+            case = Case("arcface", 64, 1024, C, dtype=dtype, device="cuda")
+            launches = count_launches(case)
+            n = len(launches["ours"])
+            say(f"{case.label()} launches: {n} Triton kernels {launches['ours']}, target <= 2: "
+                f"{'PASS' if n <= 2 else 'MISS'}; besides them {len(launches['torch'])} torch "
+                f"kernels {launches['torch']} and {launches['memset_memcpy']} memset/memcpy")
+            ours = _row(case, "ours:triton", True, 2.0)
+            g = ours.extra.get("graph_median_s", math.nan)
+            say(f"{case.label()} graph step target <= 30 us: "
+                f"{'PASS' if g <= 30e-6 else 'MISS'} ({_fmt_s(g)})")
+            for impl in ("reference", "compile"):
+                _row(case, impl, True, 1.0)
+
+
+def stage_bandwidth(deadline: float) -> None:
+    bw = harness.copy_bandwidth()
+    say(f"device-to-device copy bandwidth {bw / 1e9:.0f} GB/s")
+    for C in (2, 7):
+        for dtype in ("fp32", "bf16"):
+            if time.monotonic() > deadline:
+                say("bandwidth: deadline reached, rest skipped")
+                return
+            case = Case("arcface", 65536, 1024, C, dtype=dtype, device="cuda")
+            elem = torch.finfo(case.torch_dtype).bits // 8
+            floor_s = 3 * case.B * case.D * elem / bw
+            ours = _row(case, "ours:triton", False, 2.0)
+            frac = floor_s / ours.median_s if ours.status == "ok" else math.nan
+            say(f"{case.label()} memory floor {_fmt_s(floor_s)}: {frac:.0%} of it, target "
+                f">= 70%: {'PASS' if frac >= 0.7 else 'MISS'}")
+            for impl in ("reference", "compile"):
+                _row(case, impl, False, 1.0)
+
+
+def stage_largec(deadline: float) -> None:
+    rate = harness.gemm_rate(torch.bfloat16)
+    say(f"bf16 GEMM rate {rate / 1e12:.0f} TFLOP/s")
+    for C in (100_000, 1_000_000):
+        if time.monotonic() > deadline:
+            say("largec: deadline reached, rest skipped")
+            return
+        case = Case("arcface", 8192, 512, C, dtype="bf16", device="cuda")
+        ours = _row(case, "ours:triton", False, 3.0)
+        useful = 3 * 2 * case.B * case.C * case.D
+        frac = useful / ours.median_s / rate if ours.status == "ok" else math.nan
+        say(f"{case.label()} {frac:.0%} of the bf16 GEMM rate, target >= 50%: "
+            f"{'PASS' if frac >= 0.5 else 'MISS'}")
+        for impl in ("reference", "compile"):
+            if time.monotonic() > deadline:
+                say(f"{case.label()} {impl}: skipped (deadline)")
+                continue
+            base = _row(case, impl, False, 2.0)
+            if base.status != "ok" or ours.status != "ok":
+                say(f"{case.label()} vs {impl}: not comparable ({base.status})")
+                continue
+            say(f"{case.label()} vs {impl}: speedup {base.median_s / ours.median_s:.2f}x, "
+                f"extra peak memory {ours.peak_mem_bytes / base.peak_mem_bytes:.0%} of it"
+                + (" (target <= 25%: " + ("PASS" if ours.peak_mem_bytes
+                                          <= 0.25 * base.peak_mem_bytes else "MISS") + ")"
+                   if impl == "reference" else ""))
+        torch.cuda.empty_cache()
+
+
+RUNNERS = {"correctness": stage_correctness, "paper": stage_paper,
+           "bandwidth": stage_bandwidth, "largec": stage_largec}
+
+
+def run(budget_s: float, stages=STAGES) -> int:
+    """Run the stages in order within budget_s seconds; returns a process exit status."""
+    deadline = time.monotonic() + budget_s
+    if not torch.cuda.is_available():
+        for name in stages:
+            say(f"{name}: skipped (no CUDA device)")
+        return 0
+    from udat_kernels import dispatch
+
+    probe = torch.zeros(1, 1, device="cuda")
+    why = dispatch.get_backend("triton").reasons(probe, probe)
+    if why:
+        say("all stages skipped: backend 'triton' cannot serve: " + "; ".join(why))
+        return 1
+    status = 0
+    for name in stages:
+        left = deadline - time.monotonic()
+        if left < STAGE_COST_S[name]:
+            say(f"{name}: skipped ({left:.0f} s left, needs about {STAGE_COST_S[name]} s)")
+            continue
+        t0 = time.monotonic()
+        say(f"{name}: start")
+        try:
+            result = RUNNERS[name](deadline)
+            if result is False:
+                status = 1
+        except Exception as e:  # noqa: BLE001 - report and go on to the next stage
+            status = 1
+            say(f"{name}: ERROR {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        say(f"{name}: done in {time.monotonic() - t0:.1f} s")
+    return status
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget-s", type=float, default=240.0,
+                   help="seconds for all stages together (default 240)")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated subset of {','.join(STAGES)}")
+    args = p.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        p.error(f"unknown stages {unknown}; expected {STAGES}")
+    return run(args.budget_s, stages)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
