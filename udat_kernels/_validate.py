@@ -107,14 +107,17 @@ def check_lambda(grl_lambda) -> None:
         raise ValueError(f"grl_lambda: expected a finite number, got {lam}")
 
 
-def check_data(target, num_classes: int, ignore_index: int, grl_lambda) -> None:
-    """The checks that read tensor values (a device sync on CUDA)."""
+def check_data(target, num_classes: int, ignore_index: int, grl_lambda, *,
+               targets: bool = True) -> None:
+    """The checks that read tensor values (a device sync on CUDA). `targets=False` leaves the
+    target range to a kernel that checks it itself."""
     if torch.compiler.is_compiling():
         return
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        raise ValueError(f"target: value {value} is outside [0, {num_classes}) and is not "
-                         f"ignore_index ({ignore_index})")
+    if targets:
+        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+        if bool(bad.any()):
+            value = int(target[bad][0])
+                raise ValueError(f"target: value {value} is outside [0, {num_classes}) and is "
+                             f"not ignore_index ({ignore_index})")
     if isinstance(grl_lambda, torch.Tensor) and not bool(torch.isfinite(grl_lambda)):
         raise ValueError(f"grl_lambda: expected a finite value, got {grl_lambda.item()}")

@@ -140,8 +140,9 @@ def _fused(x, weight, target, *, normalize, bias, class_weight, sample_weight, s
     else:
         red = _validate.reduction_code(reduction)
     chosen = dispatch.select(backend, x, weight)
-    if validate and (chosen.name != "cpu"):  # the CPU kernels check the targets themselves
-        _validate.check_data(target, weight.shape[0], ignore_index, grl_lambda)
+    if validate:  # the CPU kernels check the targets themselves, at no extra pass
+        _validate.check_data(target, weight.shape[0], ignore_index, grl_lambda,
+                             targets=chosen.name != "cpu")
     if chosen.name == "reference":
         if normalize:
             return reference.angular_margin_cross_entropy(

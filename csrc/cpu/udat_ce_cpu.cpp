@@ -280,7 +280,9 @@ T grl_scale(const OptTensor& grl_lambda) {
   if (!grl_lambda) return T(1);
   TORCH_CHECK_VALUE(grl_lambda->numel() == 1, "grl_lambda: expected a 0-dim tensor, got shape ",
                     grl_lambda->sizes());
-  return -grl_lambda->to(at::kCPU, at::kDouble).template item<double>();
+  const double lambda = grl_lambda->to(at::kCPU, at::kDouble).template item<double>();
+  TORCH_CHECK_VALUE(std::isfinite(lambda), "grl_lambda: expected a finite value, got ", lambda);
+  return T(-lambda);
 }
 
 // The gradient outputs of a pass, in T, and their conversion to the caller's dtypes.
