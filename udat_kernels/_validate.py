@@ -117,7 +117,7 @@ def check_data(target, num_classes: int, ignore_index: int, grl_lambda, *,
         bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
         if bool(bad.any()):
             value = int(target[bad][0])
-                raise ValueError(f"target: value {value} is outside [0, {num_classes}) and is "
+            raise ValueError(f"target: value {value} is outside [0, {num_classes}) and is "
                              f"not ignore_index ({ignore_index})")
     if isinstance(grl_lambda, torch.Tensor) and not bool(torch.isfinite(grl_lambda)):
         raise ValueError(f"grl_lambda: expected a finite value, got {grl_lambda.item()}")
