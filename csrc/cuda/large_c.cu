@@ -1,0 +1,171 @@
+// Large C: row blocks whose logits fit a memory budget, cuBLAS GEMMs through ATen on the current
+// stream, and the fused epilogue kernels of large_c_kernels.cuh. Never a B×C tensor.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "large_c_kernels.cuh"
+#include "margin_ce_cuda.h"
+
+namespace udat {
+namespace cuda {
+namespace {
+
+constexpr int64_t kDefaultBlockBytes = int64_t(256) << 20;
+
+// Bytes of logits (plus their gradient) a row block may hold; UDAT_CUDA_BLOCK_BYTES overrides it
+// (tests use it to force several blocks on small inputs).
+int64_t block_bytes() {
+  if (const char* env = std::getenv("UDAT_CUDA_BLOCK_BYTES")) {
+    const long long v = std::atoll(env);
+    if (v > 0) return v;
+  }
+  return kDefaultBlockBytes;
+}
+
+// Blocks for n items at `threads` a block (the grid-stride kernels cap it; one block at least).
+unsigned grid_for(int64_t n, int threads, int64_t cap = int64_t(1) << 30) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, cap)));
+}
+
+// out (acc dtype) = a @ b; fp32 output from 16-bit inputs without a rounding step in between.
+void gemm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, out.scalar_type());
+  }
+}
+
+template <typename A, typename G>
+void run(const Problem& P, Pass& pass) {
+  const CeOptions& opt = P.opt;
+  const int64_t B = P.B, C = P.C, D = P.D;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto acc_opts = P.x.options().dtype(P.acc);
+  const at::ScalarType gemm_t = c10::CppTypeToScalarType<G>::value;
+  const bool mean = opt.reduction == Reduction::Mean;
+
+  // Per call: squared row norms and the GEMM operand for W (normalized for the angular head).
+  at::Tensor x_ss, w_ss, w_g;
+  if (opt.normalize) {
+    x_ss = at::empty({B}, acc_opts);
+    w_ss = at::empty({C}, acc_opts);
+    const int rows_per_block = kRowThreads / kWarp;
+    row_sumsq_kernel<A><<<grid_for(B, rows_per_block), kRowThreads, 0, stream>>>(
+        P.x.data_ptr(), dtype_code(P.x.scalar_type()), B, D, x_ss.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    row_sumsq_kernel<A><<<grid_for(C, rows_per_block), kRowThreads, 0, stream>>>(
+        P.weight.data_ptr(), dtype_code(P.weight.scalar_type()), C, D, w_ss.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    w_g = at::empty({C, D}, P.weight.options().dtype(gemm_t));
+    scale_rows_kernel<A><<<grid_for(C * D, 256, 1 << 16), 256, 0, stream>>>(
+        P.weight.data_ptr(), dtype_code(P.weight.scalar_type()), w_ss.data_ptr<A>(), C, D,
+        w_g.data_ptr(), dtype_code(gemm_t));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    w_g = P.weight.to(gemm_t);
+  }
+  const bool x_direct = P.x.scalar_type() == gemm_t;
+
+  at::Tensor div_parts;
+  if (mean) div_parts = divisor_partials(P);
+  const RowArgs<A> row = row_args<A>(P);
+  const GradScale<A> gs =
+      grad_scale<A>(P, pass, pass.want_grad && mean ? div_parts : at::Tensor());
+
+  // Row block size: its logits (and their gradient in the GEMM dtype) within the budget.
+  const bool g_separate = gemm_t != P.acc;
+  const int64_t per_row =
+      C * (int64_t(sizeof(A)) + (g_separate && pass.want_grad ? int64_t(sizeof(G)) : 0));
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(B, block_bytes() / per_row));
+  at::Tensor logits = at::empty({rows, C}, acc_opts);
+  at::Tensor g_buf, gx_buf, w_acc, w_tmp, b_acc, u;
+  if (pass.want_grad) {
+    g_buf = g_separate ? at::empty({rows, C}, P.x.options().dtype(gemm_t)) : logits;
+    gx_buf = at::empty({rows, D}, acc_opts);
+    w_acc = at::empty({C, D}, acc_opts);
+    if (rows < B && g_separate) w_tmp = at::empty({C, D}, acc_opts);
+    if (pass.grad_b.defined()) b_acc = at::zeros({C}, acc_opts);
+    u = at::empty({B}, acc_opts);
+  }
+  at::Tensor loss_rows;
+  if (pass.write_loss) {
+    loss_rows = opt.reduction == Reduction::None ? pass.loss : at::empty({B}, acc_opts);
+  }
+
+  for (int64_t r0 = 0; r0 < B; r0 += rows) {
+    const int64_t n = std::min(rows, B - r0);
+    const at::Tensor xb =
+        x_direct ? P.x.narrow(0, r0, n) : P.x.narrow(0, r0, n).to(gemm_t);
+    at::Tensor lb = logits.narrow(0, 0, n);
+    gemm_out(lb, xb, w_g.t());
+
+    EpilogueArgs<A, G> e{};
+    e.row = row;
+    e.gs = gs;
+    e.logits = lb.data_ptr<A>();
+    e.g_out = pass.want_grad ? g_buf.data_ptr<G>() : nullptr;
+    e.x_ss = opt.normalize ? x_ss.data_ptr<A>() : nullptr;
+    e.r0 = r0;
+    e.lse_in = pass.lse_in.defined() ? pass.lse_in.data_ptr<A>() : nullptr;
+    e.lse_out = pass.write_loss ? pass.lse.data_ptr<A>() : nullptr;
+    e.loss_rows = pass.write_loss ? loss_rows.data_ptr<A>() : nullptr;
+    e.want_grad = pass.want_grad;
+    e.u_out = pass.want_grad ? u.data_ptr<A>() : nullptr;
+    epilogue_kernel<A, G><<<static_cast<unsigned>(n), kEpilogueThreads, 0, stream>>>(e);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!pass.want_grad) continue;
+
+    const at::Tensor gb = g_buf.narrow(0, 0, n);
+    at::Tensor gx = gx_buf.narrow(0, 0, n);
+    gemm_out(gx, gb, w_g);
+    finish_grad_x_kernel<A><<<grid_for(n * D, 256, 1 << 16), 256, 0, stream>>>(
+        gx.data_ptr<A>(), P.x.data_ptr(), dtype_code(P.x.scalar_type()), u.data_ptr<A>(), r0, n,
+        D, opt.normalize, gs, pass.grad_x.data_ptr());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (r0 == 0) {
+      gemm_out(w_acc, gb.t(), xb);
+    } else if (!g_separate) {
+      w_acc.addmm_(gb.t(), xb);
+    } else {
+      gemm_out(w_tmp, gb.t(), xb);
+      w_acc.add_(w_tmp);
+    }
+    if (b_acc.defined()) b_acc.add_(at::sum(gb, {0}, false, P.acc));
+  }
+
+  if (pass.write_loss && opt.reduction != Reduction::None) {
+    reduce_loss(P, loss_rows, div_parts, pass.loss);
+  }
+  if (pass.want_grad) {
+    finish_grad_w_kernel<A><<<static_cast<unsigned>(C), kRowThreads, 0, stream>>>(
+        w_acc.data_ptr<A>(), P.weight.data_ptr(), dtype_code(P.weight.scalar_type()),
+        opt.normalize ? w_ss.data_ptr<A>() : nullptr, D, opt.normalize, pass.grad_w.data_ptr(),
+        dtype_code(pass.grad_w.scalar_type()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (b_acc.defined()) pass.grad_b.copy_(b_acc);
+  }
+}
+
+}  // namespace
+
+void large_c_run(const Problem& P, Pass& pass) {
+  const at::ScalarType gemm_t = at::promote_types(P.x.scalar_type(), P.weight.scalar_type());
+  if (P.acc == at::kDouble) {
+    run<double, double>(P, pass);
+  } else if (gemm_t == at::kHalf) {
+    run<float, c10::Half>(P, pass);
+  } else if (gemm_t == at::kBFloat16) {
+    run<float, c10::BFloat16>(P, pass);
+  } else {
+    run<float, float>(P, pass);
+  }
+}
+
+}  // namespace cuda
+}  // namespace udat

@@ -1,0 +1,195 @@
+// Kernels around the GEMMs of the large-C path (face-recognition heads, C up to 10^7).
+//
+// Per row block: the logits GEMM writes x_i·ŵ_j (ŵ normalized once per call; raw W for the linear
+// head) in fp32/fp64; the epilogue (a block per row) turns them into z, the log-sum-exp, the loss
+// and, in place, G'_ij = G_ij / |x_i| in the GEMM dtype; two more GEMMs give G'·Ŵ (grad x before
+// its projection, which finish_grad_x applies with u_i = t_i / |x_i|²) and G'ᵀ·x = Σ_i G_ij x̂_i
+// (grad ŵ, accumulated over blocks; finish_grad_w projects and divides by |W_j|).
+#pragma once
+
+#include "cuda_common.cuh"
+
+namespace udat {
+namespace cuda {
+
+constexpr int kEpilogueThreads = 256;
+constexpr int kRowThreads = 256;  // norm and grad-W kernels: a block per row
+
+// Squared norms of the rows of a (rows, D) matrix: a warp per row.
+template <typename A>
+__global__ void row_sumsq_kernel(const void* m, DType t, int64_t rows, int64_t D, A* out) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  if (row >= rows) return;
+  A s = A(0);
+  for (int64_t d = lane; d < D; d += kWarp) {
+    const A v = load_as<A>(m, t, row * D + d);
+    s += v * v;
+  }
+  s = warp_sum(s);
+  if (lane == 0) out[row] = s;
+}
+
+// out = rows of m divided by max(|row|, eps) (or copied when ss is null), in out's dtype.
+template <typename A>
+__global__ void scale_rows_kernel(const void* m, DType t, const A* ss, int64_t rows, int64_t D,
+                                  void* out, DType out_t) {
+  const int64_t n = rows * D;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    A v = load_as<A>(m, t, e);
+    if (ss) v *= inv_norm(ss[e / D]);
+    store_as(out, out_t, e, v);
+  }
+}
+
+template <typename A, typename G>
+struct EpilogueArgs {
+  RowArgs<A> row;
+  GradScale<A> gs;
+  const A* logits;  // (n, C): x_i·ŵ_j (angular) or x_i·W_j (linear)
+  G* g_out;         // (n, C): G'_ij; may alias logits when G is A
+  const A* x_ss;    // (B,) squared norms of x (angular)
+  int64_t r0;       // first row of the block
+  const A* lse_in;  // backward: (B,)
+  A* lse_out;       // forward: (B,)
+  A* loss_rows;     // forward: (B,)
+  bool want_grad;
+  A* u_out;         // (B,) t_i / |x_i|² (0 when not projected)
+};
+
+// The fused epilogue of one row: a block per row.
+template <typename A, typename G>
+__global__ void __launch_bounds__(kEpilogueThreads)
+    epilogue_kernel(const EpilogueArgs<A, G> a) {
+  __shared__ A scratch_m[kWarp];
+  __shared__ A scratch_s[kWarp];
+  const RowArgs<A>& r = a.row;
+  const MarginParams<A>& mp = r.mp;
+  const int64_t C = r.C;
+  const int64_t i = a.r0 + blockIdx.x;
+  const A* lrow = a.logits + int64_t(blockIdx.x) * C;
+  const RowTarget t = read_target(r, i);
+
+  A inv_n = A(1);
+  bool proj = false;
+  if (r.normalize) {
+    inv_n = inv_norm(a.x_ss[i]);
+    proj = norm_projects(a.x_ss[i]);
+  }
+  // The logit of column j, and its cosine (angular) for the gradient.
+  auto logit = [&](int64_t j, A& c) -> A {
+    if (r.normalize) {
+      c = lrow[j] * inv_n;
+      return mp.scale * ((t.valid && j == t.y) ? margin_psi(c, mp) : c);
+    }
+    c = lrow[j];
+    return lrow[j] + (r.bias ? r.bias[j] : A(0));
+  };
+
+  const A wsum = weight_sum(r);
+  const A wy = t.valid ? class_w(r, t.y) : A(0);
+  const RowCoef<A> rc = row_coef<A>(wy, wsum, r.smoothing, C);
+
+  A lse;
+  if (a.lse_in) {
+    lse = a.lse_in[i];
+  } else {
+    A m = -INFINITY, s = A(0), wz = A(0);
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+      A c;
+      const A z = logit(j, c);
+      lse_push(m, s, z);
+      if (rc.b != A(0)) wz += class_w(r, j) * z;
+    }
+    block_lse(m, s, scratch_m, scratch_s);
+    lse = isinf(m) ? m : lse_finish(m, s);
+    if (rc.b != A(0)) wz = block_sum(wz, scratch_m);
+    if (threadIdx.x == 0) {
+      A loss = A(0);
+      if (t.valid) {
+        A c;
+        const A z_y = logit(t.y, c);
+        loss = sample_w(r, i) * row_loss(rc, lse, z_y, wsum, wz);
+      } else if (t.bad) {
+        loss = A(NAN);
+      }
+      a.lse_out[i] = lse;
+      a.loss_rows[i] = loss;
+    }
+  }
+  if (!a.want_grad) return;
+
+  A div = A(0);
+  if (a.gs.divisor_parts) {
+    for (int p = 0; p < a.gs.n_divisor_parts; ++p) div += a.gs.divisor_parts[p];
+  }
+  const A inv_div = a.gs.divisor_parts ? inv_divisor(div) : A(1);
+  const A k = row_k(r, a.gs, t, i, inv_div);
+  A c_y = A(0);
+  if (r.normalize && t.valid) c_y = lrow[t.y] * inv_n;
+  const A dpsi = r.normalize && t.valid ? margin_dpsi(c_y, mp) : A(1);
+  G* grow = a.g_out + int64_t(blockIdx.x) * C;
+  A tsum = A(0);
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    A c;
+    const A z = logit(j, c);
+    const bool is_t = t.valid && j == t.y;
+    const A delta = k * row_delta(rc, exp(z - lse), is_t, class_w(r, j));
+    A g = delta;
+    if (r.normalize) {
+      g = mp.scale * delta * (is_t ? dpsi : A(1));
+      tsum += g * c;
+    }
+    grow[j] = static_cast<G>(g * inv_n);  // in place: read above by this same thread
+  }
+  if (r.normalize) tsum = block_sum(tsum, scratch_m);
+  if (threadIdx.x == 0) a.u_out[i] = proj ? tsum * inv_n * inv_n : A(0);
+}
+
+// grad x of rows [r0, r0 + n): x_scale · (gx − u_i x_i), in x's dtype.
+template <typename A>
+__global__ void finish_grad_x_kernel(const A* gx, const void* x, DType x_t, const A* u,
+                                     int64_t r0, int64_t n, int64_t D, bool normalize,
+                                     const GradScale<A> gs, void* grad_x) {
+  const A xs = grad_x_scale(gs);
+  const int64_t total = n * D;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = r0 + e / D;
+    const int64_t ge = r0 * D + e;
+    A v = gx[e];
+    if (normalize) v -= u[i] * load_as<A>(x, x_t, ge);
+    store_as(grad_x, x_t, ge, xs * v);
+  }
+}
+
+// grad W from the accumulated grad ŵ: (gŵ_j − (gŵ_j·ŵ_j) ŵ_j) / |W_j| (angular), a block per class.
+template <typename A>
+__global__ void __launch_bounds__(kRowThreads)
+    finish_grad_w_kernel(const A* acc, const void* w, DType w_t, const A* w_ss, int64_t D,
+                         bool normalize, void* grad_w, DType gw_t) {
+  __shared__ A scratch[kWarp];
+  const int64_t j = blockIdx.x;
+  const A* arow = acc + j * D;
+  if (!normalize) {
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) store_as(grad_w, gw_t, j * D + d, arow[d]);
+    return;
+  }
+  const A inv = inv_norm(w_ss[j]);
+  const bool proj = norm_projects(w_ss[j]);
+  A dot = A(0);
+  if (proj) {
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      dot += arow[d] * load_as<A>(w, w_t, j * D + d);
+    }
+  }
+  dot = block_sum(dot, scratch) * inv;  // gŵ_j·ŵ_j
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    const A w_hat = load_as<A>(w, w_t, j * D + d) * inv;
+    store_as(grad_w, gw_t, j * D + d, inv * (arow[d] - (proj ? dot * w_hat : A(0))));
+  }
+}
+
+}  // namespace cuda
+}  // namespace udat
