@@ -1,0 +1,314 @@
+"""The CUDA stage of the GPU check (issue 4): sanitizer runs, paper-size, bandwidth and large-C
+figures of backend="cuda", printed row by row as they are measured.
+
+    python benchmarks/gpu_cuda.py STAGE [STAGE ...] [--budget-s SECONDS]
+
+STAGE is one of gpu_check.sh's stages, each mapped to the checks of this backend:
+  correctness  compute-sanitizer memcheck and racecheck on tiny cases of every kernel path (a bad
+               target with validate=False included), where the tool is installed;
+  paper        (64, 1024, 2) and (64, 1024, 7): our kernel launches per forward+backward (target
+               <= 2) and the step time by CUDA-graph replay (target <= 20 µs); then
+               (65536, 1024, 2) and (65536, 1024, 7): fraction of the memory floor, three passes
+               over B×D at the measured copy bandwidth (target >= 80%);
+  large        (8192, 512, 100000) bf16: time against three cuBLAS GEMMs of the same shapes
+               (target <= 1.5×) and extra peak memory against the eager reference (target <= 25%).
+Every measured step is forward + loss.backward() into x and the weight, side by side with the
+Triton backend, the eager reference and torch.compile of it. The deadline is GPU_CHECK_DEADLINE
+(epoch seconds) when set, else now + --budget-s; a check that it leaves no time for says so.
+Rows are also written as JSON lines to $GPU_CHECK_OUT/cuda_<stage>.jsonl when that is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import Case  # noqa: E402
+
+STAGES = ("correctness", "paper", "large")
+BASELINES = ("ours:triton", "reference", "compile")
+_ROWS: list[dict] = []
+
+
+def say(*parts) -> None:
+    print("[cuda]", *parts, flush=True)
+
+
+def _fmt_s(s: float) -> str:
+    if s != s:
+        return "n/a"
+    return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.3f} ms"
+
+
+def _fmt_b(b: float) -> str:
+    return "n/a" if b != b else f"{b / 2**20:.1f} MiB"
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+class Deadline:
+    def __init__(self, budget_s: float):
+        env = os.environ.get("GPU_CHECK_DEADLINE")
+        self.at = float(env) if env else time.time() + budget_s
+
+    def left(self) -> float:
+        return self.at - time.time()
+
+    def allows(self, seconds: float, what: str) -> bool:
+        if self.left() < seconds:
+            say(f"{what}: skipped ({self.left():.0f} s left, needs about {seconds:.0f} s)")
+            return False
+        return True
+
+
+def _row(case: Case, impl: str, *, graph: bool = False, budget_s: float = 1.0) -> harness.Row:
+    row = harness.measure(case, impl, budget_s=budget_s, graph=graph)
+    g = row.extra.get("graph_median_s", math.nan)
+    say(f"{case.label()} {impl:12s} {row.status:7s} median {_fmt_s(row.median_s)}"
+        + (f"  graph {_fmt_s(g)}" if graph else "")
+        + f"  extra peak {_fmt_b(row.peak_mem_bytes)}"
+        + (f"  ({row.reason})" if row.reason else ""))
+    _ROWS.append({"case": case.label(), "impl": impl, "status": row.status,
+                  "median_s": row.median_s, "graph_median_s": g,
+                  "peak_mem_bytes": row.peak_mem_bytes, "reason": row.reason})
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness: compute-sanitizer
+# ---------------------------------------------------------------------------------------------
+
+# Every kernel path on tiny inputs: the fused kernel in one block and in several (with its
+# finalize and divisor kernels), the GEMM path in one and several row blocks, and a bad target.
+_SANITIZER_CASE = r"""
+import os, torch, udat_kernels as uk
+def run(B, D, C, env, bad=False, dtype=torch.float32):
+    os.environ.update(env)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, D, device="cuda", generator=g).to(dtype).requires_grad_()
+    w = torch.randn(C, D, device="cuda", generator=g).to(dtype).requires_grad_()
+    t = torch.randint(0, C, (B,), device="cuda", generator=g)
+    if bad:
+        t[1] = C + 5
+    for angular in (True, False):
+        f = uk.angular_margin_cross_entropy if angular else uk.linear_cross_entropy
+        f(x, w, t, backend="cuda", validate=False, label_smoothing=0.1, grl_lambda=0.5).backward()
+    for k in env:
+        os.environ.pop(k)
+run(37, 33, 7, {})
+run(300, 64, 2, {}, dtype=torch.bfloat16)
+run(37, 33, 7, {}, bad=True)
+run(300, 40, 7, {}, bad=True)
+run(37, 33, 50, {})
+run(37, 33, 50, {"UDAT_CUDA_BLOCK_BYTES": "400"}, bad=True)
+torch.cuda.synchronize()
+print("sanitizer case done")
+"""
+
+
+def _sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "compute-sanitizer")):
+            return os.path.join(home, "bin", "compute-sanitizer")
+    return None
+
+
+def stage_correctness(deadline: Deadline) -> bool:
+    tool = _sanitizer()
+    if tool is None:
+        say("compute-sanitizer: not installed on this machine; memcheck/racecheck not run")
+        return True
+    ok = True
+    for check in ("memcheck", "racecheck"):
+        if not deadline.allows(40, f"compute-sanitizer {check}"):
+            continue
+        cmd = [tool, "--tool", check, "--error-exitcode", "9", "--kernel-regex", "kns=udat",
+               sys.executable, "-c", _SANITIZER_CASE]
+        t0 = time.time()
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                 timeout=max(10.0, min(240.0, deadline.left() - 5)))
+        except subprocess.TimeoutExpired:
+            say(f"compute-sanitizer {check}: cut off at the deadline")
+            continue
+        tail = " | ".join(line for line in (res.stdout + res.stderr).splitlines()
+                          if "ERROR SUMMARY" in line or "RACECHECK SUMMARY" in line
+                          or "Error" in line)[:400]
+        passed = res.returncode == 0
+        ok &= passed
+        say(f"compute-sanitizer {check}: {'clean' if passed else f'FAILED (exit {res.returncode})'}"
+            f" in {time.time() - t0:.0f} s  {tail}")
+        if not passed:
+            say("\n".join((res.stdout + res.stderr).splitlines()[-30:]))
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# paper and bandwidth
+# ---------------------------------------------------------------------------------------------
+
+
+def count_launches(case: Case) -> dict:
+    """Kernels one forward+backward step of ours:cuda launches: ours, torch's, memsets/copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import providers
+
+    built = providers.build("ours:cuda", case)
+    for _ in range(3):
+        built.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        built.step()
+        torch.cuda.synchronize()
+    ours, others, copies = [], [], 0
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if ev.name.lower().startswith(("memset", "memcpy")):
+            copies += 1
+        elif "udat::cuda::" in ev.name:
+            ours.append(ev.name.split("(")[0].replace("void ", "")[:60])
+        else:
+            others.append(ev.name[:50])
+    return {"ours": ours, "torch": others, "memset_memcpy": copies}
+
+
+def stage_paper(deadline: Deadline) -> None:
+    for C in (2, 7):
+        for dtype in ("fp32", "bf16"):
+            if not deadline.allows(15, f"paper C={C} {dtype}"):
+                return
+            case = Case("arcface", 64, 1024, C, dtype=dtype, device="cuda")
+            try:
+                launches = count_launches(case)
+                n = len(launches["ours"])
+                say(f"{case.label()} launches: {n} of ours {launches['ours']}, target <= 2: "
+                    f"{_verdict(n <= 2)}; besides them {len(launches['torch'])} torch kernels "
+                    f"{launches['torch']} and {launches['memset_memcpy']} memset/memcpy")
+            except Exception as e:  # noqa: BLE001 - report, then time it anyway
+                say(f"{case.label()} launches: not counted ({type(e).__name__}: {e})")
+            ours = _row(case, "ours:cuda", graph=True, budget_s=2.0)
+            g = ours.extra.get("graph_median_s", math.nan)
+            say(f"{case.label()} graph step target <= 20 us: {_verdict(g <= 20e-6)} "
+                f"({_fmt_s(g)}{', ' + ours.extra['graph_error'] if 'graph_error' in ours.extra else ''})")
+            for impl in BASELINES:
+                _row(case, impl, graph=True)
+
+    bw = harness.copy_bandwidth()
+    say(f"device-to-device copy bandwidth {bw / 1e9:.0f} GB/s")
+    for C in (2, 7):
+        for dtype in ("fp32", "bf16"):
+            if not deadline.allows(15, f"bandwidth C={C} {dtype}"):
+                return
+            case = Case("arcface", 65536, 1024, C, dtype=dtype, device="cuda")
+            elem = torch.finfo(case.torch_dtype).bits // 8
+            floor_s = 3 * case.B * case.D * elem / bw
+            ours = _row(case, "ours:cuda", budget_s=2.0)
+            frac = floor_s / ours.median_s if ours.status == "ok" else math.nan
+            say(f"{case.label()} memory floor {_fmt_s(floor_s)}: {frac:.0%} of it, target "
+                f">= 80%: {_verdict(frac >= 0.8)}")
+            for impl in BASELINES:
+                row = _row(case, impl)
+                if row.status == "ok" and ours.status == "ok" and impl == "ours:triton":
+                    say(f"{case.label()} extra peak memory vs triton: "
+                        f"{_fmt_b(ours.peak_mem_bytes)} vs {_fmt_b(row.peak_mem_bytes)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# large C
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_large(deadline: Deadline) -> None:
+    case = Case("arcface", 8192, 512, 100_000, dtype="bf16", device="cuda")
+    if not deadline.allows(30, case.label()):
+        return
+    gemms = harness.three_gemms_time(case.B, case.D, case.C, torch.bfloat16)
+    say(f"{case.label()} three cuBLAS GEMMs (logits, grad x, grad W): {_fmt_s(gemms)}")
+    ours = _row(case, "ours:cuda", budget_s=3.0)
+    if ours.status == "ok":
+        ratio = ours.median_s / gemms
+        say(f"{case.label()} {ratio:.2f}x the three GEMMs, target <= 1.5x: {_verdict(ratio <= 1.5)}")
+    for impl in BASELINES:
+        if not deadline.allows(20, f"{case.label()} {impl}"):
+            continue
+        base = _row(case, impl, budget_s=2.0)
+        if base.status != "ok" or ours.status != "ok":
+            say(f"{case.label()} vs {impl}: not comparable ({base.status})")
+            continue
+        line = (f"{case.label()} vs {impl}: speedup {base.median_s / ours.median_s:.2f}x, "
+                f"extra peak memory {ours.peak_mem_bytes / base.peak_mem_bytes:.0%} of it")
+        if impl == "reference":
+            line += (" (target <= 25%: "
+                     f"{_verdict(ours.peak_mem_bytes <= 0.25 * base.peak_mem_bytes)})")
+        say(line)
+        torch.cuda.empty_cache()
+
+
+RUNNERS = {"correctness": stage_correctness, "paper": stage_paper, "large": stage_large}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("stages", nargs="*", default=list(STAGES),
+                   help=f"any of {', '.join(STAGES)} (default: all, in that order)")
+    p.add_argument("--budget-s", type=float, default=240.0,
+                   help="seconds for everything when GPU_CHECK_DEADLINE is not set")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        p.error(f"unknown stages {unknown}; expected {STAGES}")
+    deadline = Deadline(args.budget_s)
+    if not torch.cuda.is_available():
+        say("skipped: no CUDA device")
+        return 0
+    from udat_kernels import dispatch
+
+    probe = torch.zeros(1, 1, device="cuda")
+    why = dispatch.get_backend("cuda").reasons(probe, probe)
+    if why:
+        say("skipped: backend 'cuda' cannot serve: " + "; ".join(why))
+        return 1
+    say(f"device: {torch.cuda.get_device_name()}")
+    status = 0
+    for name in args.stages:
+        t0 = time.time()
+        say(f"{name}: start ({deadline.left():.0f} s left)")
+        try:
+            if RUNNERS[name](deadline) is False:
+                status = 1
+        except Exception as e:  # noqa: BLE001 - report and go on to the next stage
+            status = 1
+            say(f"{name}: ERROR {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        say(f"{name}: done in {time.time() - t0:.1f} s")
+        out = os.environ.get("GPU_CHECK_OUT")
+        if out and _ROWS:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, f"cuda_{name}.jsonl"), "w") as fh:
+                for row in _ROWS:
+                    fh.write(json.dumps(row) + "\n")
+        _ROWS.clear()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
