@@ -122,6 +122,7 @@ def extension():
     sources = [
         "csrc/udat_ce.cpp",
         "csrc/cpu/udat_ce_cpu.cpp",
+        "csrc/cpu/row_kernels.cpp",
         "python/module.cpp",
     ]
     defines = [

@@ -17,6 +17,7 @@
 #include <limits>
 
 #include "../udat_ce.h"
+#include "row_kernels.h"
 
 namespace udat {
 namespace {
@@ -52,6 +53,7 @@ struct Problem {
   at::Tensor wa;     // (C, D) weight in T
   at::Tensor x_inv;  // (B,) 1/max(|x_i|, eps)           (angular)
   at::Tensor w_inv;  // (C,) 1/max(|W_j|, eps)           (angular)
+  at::Tensor col_scale;  // (C,) s/max(|W_j|, eps)       (angular)
   at::Tensor x_norm;  // (B,) |x_i|                     (angular)
   at::Tensor w_norm;  // (C,) |W_j|                     (angular)
   at::Tensor cw;     // (C,) class weights in T, undefined when absent (all ones)
@@ -79,6 +81,7 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
     P.w_norm = at::linalg_vector_norm(P.wa, 2, {1});
     P.x_inv = P.x_norm.clamp_min(kNormEps).reciprocal();
     P.w_inv = P.w_norm.clamp_min(kNormEps).reciprocal();
+    P.col_scale = P.w_inv * opt.scale;
     // Divide rather than multiply by the reciprocal: a row parallel to a class centre then
     // gives a cosine of exactly ±1, where ψ is ill-conditioned (sqrt(1 - c²)).
     P.feats = P.xa / P.x_norm.clamp_min(kNormEps).unsqueeze(1);
@@ -115,6 +118,54 @@ struct PassOut {
   at::Tensor grad_b_acc;      // (C,) in T, accumulated
 };
 
+// Loops over one row of logits. float rows take the vectorized kernels of row_kernels.cpp; the
+// templates serve float64.
+template <typename T>
+void scale_bias(T* z, int64_t n, const T* col_scale, const T* bias) {
+  if (col_scale) for (int64_t j = 0; j < n; ++j) z[j] *= col_scale[j];
+  if (bias) for (int64_t j = 0; j < n; ++j) z[j] += bias[j];
+}
+void scale_bias(float* z, int64_t n, const float* col_scale, const float* bias) {
+  cpu::scale_bias(z, n, col_scale, bias);
+}
+
+template <typename T>
+T row_max(const T* z, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
+  return m;
+}
+float row_max(const float* z, int64_t n) { return cpu::row_max(z, n); }
+
+template <typename T>
+double exp_sum(const T* z, int64_t n, T shift) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += std::exp(z[j] - shift);
+  return sum;
+}
+double exp_sum(const float* z, int64_t n, float shift) { return cpu::exp_sum(z, n, shift); }
+
+template <typename T>
+double weighted_sum(const T* z, int64_t n, const T* w) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (w ? w[j] : T(1)) * z[j];
+  return sum;
+}
+double weighted_sum(const float* z, int64_t n, const float* w) {
+  return cpu::weighted_sum(z, n, w);
+}
+
+template <typename T>
+void softmax_grad(T* z, int64_t n, T lse, T kp, T kb, const T* w, const T* col_scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    z[j] = (kp * std::exp(z[j] - lse) - kb * (w ? w[j] : T(1))) * (col_scale ? col_scale[j] : T(1));
+  }
+}
+void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const float* w,
+                  const float* col_scale) {
+  cpu::softmax_grad(z, n, lse, kp, kb, w, col_scale);
+}
+
 // The fused epilogue of one row: logits -> (loss, lse) and, with k, the logit gradient in place.
 template <typename T>
 void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<T>& mp,
@@ -124,31 +175,26 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
   const bool valid = y != opt.ignore_index;
   const T* cw = P.cw.defined() ? P.cw.template data_ptr<T>() : nullptr;
   const T* sw = P.sw.defined() ? P.sw.template data_ptr<T>() : nullptr;
-  const T* w_inv = opt.normalize ? P.w_inv.template data_ptr<T>() : nullptr;
-  const T* w_norm = opt.normalize ? P.w_norm.template data_ptr<T>() : nullptr;
+  const T* col_scale = opt.normalize ? P.col_scale.template data_ptr<T>() : nullptr;
+  const T* bias = P.bias.defined() ? P.bias.template data_ptr<T>() : nullptr;
 
   T c_y = 0;  // the target cosine, kept for ψ'
-  if (opt.normalize) {
-    if (valid) c_y = z[y] / std::max(w_norm[y], T(kNormEps));  // division: see make_problem
-    for (int64_t j = 0; j < C; ++j) z[j] *= mp.scale * w_inv[j];
-    if (valid) z[y] = mp.scale * margin_psi(c_y, mp);
-  } else if (P.bias.defined()) {
-    const T* b = P.bias.template data_ptr<T>();
-    for (int64_t j = 0; j < C; ++j) z[j] += b[j];
+  if (opt.normalize && valid) {
+    // Divide rather than multiply by 1/|W_y| (see make_problem).
+    c_y = z[y] / std::max(P.w_norm.template data_ptr<T>()[y], T(kNormEps));
   }
+  scale_bias(z, C, col_scale, bias);
+  if (opt.normalize && valid) z[y] = mp.scale * margin_psi(c_y, mp);
 
   T lse;
   if (out.lse_given) {
     lse = out.lse[i];
   } else {
-    T m = -std::numeric_limits<T>::infinity();
-    for (int64_t j = 0; j < C; ++j) m = z[j] > m ? z[j] : m;
+    const T m = row_max(z, C);
     const T shift = std::isinf(m) ? T(0) : m;  // all -inf: keep lse = -inf, not NaN
-    // Sums over up to millions of classes: a double accumulator keeps float32 rows exact to
-    // rounding of the terms (a float one drifts by ~sqrt(C) ulps).
-    double sum = 0;
-    for (int64_t j = 0; j < C; ++j) sum += std::exp(z[j] - shift);
-    lse = shift + T(std::log(sum));
+    // Sums over up to millions of classes are accumulated in double (a float accumulator
+    // drifts by ~sqrt(C) ulps).
+    lse = shift + T(std::log(exp_sum(z, C, shift)));
     out.lse[i] = lse;
   }
 
@@ -157,11 +203,8 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
   if (out.loss_rows) {
     T loss = 0;
     if (valid) {
-      double wz = 0;
-      if (rc.b != T(0)) {
-        for (int64_t j = 0; j < C; ++j) wz += (cw ? cw[j] : T(1)) * z[j];
-      }
-      loss = (sw ? sw[i] : T(1)) * row_loss(rc, lse, z[y], P.wsum, T(wz));
+      const T wz = rc.b != T(0) ? T(weighted_sum(z, C, cw)) : T(0);
+      loss = (sw ? sw[i] : T(1)) * row_loss(rc, lse, z[y], P.wsum, wz);
     }
     out.loss_rows[i] = loss;
   }
@@ -172,16 +215,12 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
     std::fill(z, z + C, T(0));
     return;
   }
-  const T kp = k * rc.p_coef;
-  const T kb = k * rc.b;
+  softmax_grad(z, C, lse, k * rc.p_coef, k * rc.b, rc.b != T(0) ? cw : nullptr, col_scale);
+  // The target column: subtract a·k, and (angular) apply ψ'(c_y), the chain rule through the
+  // margin.
   if (opt.normalize) {
-    for (int64_t j = 0; j < C; ++j) {
-      z[j] = (kp * std::exp(z[j] - lse) - kb * (cw ? cw[j] : T(1))) * (mp.scale * w_inv[j]);
-    }
-    // The target column: subtract a·k and apply ψ'(c_y) (the chain rule through the margin).
-    z[y] = (z[y] - k * rc.a * mp.scale * w_inv[y]) * margin_dpsi(c_y, mp);
+    z[y] = (z[y] - k * rc.a * col_scale[y]) * margin_dpsi(c_y, mp);
   } else {
-    for (int64_t j = 0; j < C; ++j) z[j] = kp * std::exp(z[j] - lse) - kb * (cw ? cw[j] : T(1));
     z[y] -= k * rc.a;
   }
 }

@@ -1,0 +1,33 @@
+// Vectorized loops over one row of float32 logits: the inner loops of the CPU epilogue.
+//
+// They live in their own translation unit, compiled for AVX2+FMA and for the baseline x86-64 ISA
+// with the right one picked when the library loads (function multi-versioning), so that one
+// binary is fast on current CPUs and still runs on old ones. float64 rows use the plain loops of
+// udat_ce_cpu.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace udat {
+namespace cpu {
+
+// z[j] *= col_scale[j] (col_scale may be null: no scaling), then z[j] += bias[j] (bias may be
+// null).
+void scale_bias(float* z, int64_t n, const float* col_scale, const float* bias);
+
+// max_j z[j]; NaN entries are skipped (a later exp propagates them).
+float row_max(const float* z, int64_t n);
+
+// Σ_j exp(z[j] - shift), accumulated in double.
+double exp_sum(const float* z, int64_t n, float shift);
+
+// Σ_j w[j] z[j] (w may be null: Σ_j z[j]), accumulated in double.
+double weighted_sum(const float* z, int64_t n, const float* w);
+
+// The logit gradient in place: z[j] = (kp·exp(z[j] - lse) - kb·w[j]) · col_scale[j], with w and
+// col_scale optional (null: ones).
+void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const float* w,
+                  const float* col_scale);
+
+}  // namespace cpu
+}  // namespace udat
