@@ -1,0 +1,1 @@
+"""Benchmarks of udat-kernels against the eager reference and other loss libraries."""

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# The one GPU script: build the extension, run the GPU tests, run the GPU benchmarks, print a
+# short table. Run from the repository root on a machine with a CUDA GPU:
+#
+#     bash benchmarks/gpu_check.sh
+#
+# Stages, in this order, each printing as it goes, under one global deadline (GPU_CHECK_BUDGET_S,
+# default 300 s): a stage that the deadline leaves too little time for is skipped and says so, and
+# each stage is cut off by `timeout` at the deadline.
+#   1 build        pip install --no-build-isolation --no-deps -e . (UDAT_CUDA_ARCHS, default 9.0),
+#                  plus Liger-Kernel / cut-cross-entropy from ./wheels when that folder exists
+#   2 correctness  pytest tests/test_cuda.py tests/test_triton.py (compiled Triton, no
+#                  interpreter), then the backends' own checks (`correctness` stage below)
+#   3 paper        paper heads (64, 1024, C) and bandwidth heads (65536, 1024, C)
+#   4 large        face-recognition heads (8192, 512, 10^4..10^6), bf16
+#   5 end-to-end   the full VGG16 at 224 with bf16 autocast, fused heads against eager heads
+#
+# Each backend adds its own checks to stages 2-4: benchmarks/gpu_triton.py (its stages
+# correctness; paper,bandwidth; largec) and benchmarks/gpu_cuda.py (correctness, paper, large),
+# each given the seconds left in the stage (--budget-s), the stage's deadline (GPU_CHECK_DEADLINE,
+# epoch seconds) and a folder for its files (GPU_CHECK_OUT). A script that is absent is reported
+# as such.
+#
+# GPU_CHECK_SKIP_BUILD=1 uses the extension already built in place instead of rebuilding it.
+# Without a GPU every stage still runs as far as it can and says what it could not do.
+#
+# Everything printed is kept in docs/gpu/ (gpu_check.log and one folder per benchmark stage) and,
+# when $OUT is set, copied there too.
+
+set -u
+cd "$(dirname "$0")/.."
+
+BUDGET_S=${GPU_CHECK_BUDGET_S:-300}
+GPU_CHECK_SKIP_BUILD=${GPU_CHECK_SKIP_BUILD:-0}
+START=$(date +%s)
+DEADLINE=$((START + BUDGET_S))
+RESERVE_S=10                      # kept for the final table
+PY=${PYTHON:-python}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+export UDAT_CUDA_ARCHS=${UDAT_CUDA_ARCHS:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+unset TRITON_INTERPRET
+
+DOCS=docs/gpu
+mkdir -p "$DOCS"
+LOG=$DOCS/gpu_check.log
+: > "$LOG"
+STATUS_FILE=$(mktemp)
+trap 'rm -f "$STATUS_FILE"' EXIT
+
+say() { echo "$@" | tee -a "$LOG"; }
+
+# run_stage NAME NEED CAP COMMAND...: run COMMAND for at most CAP seconds (and never past the
+# deadline), unless fewer than NEED seconds are left. The stage sees its limit as STAGE_LIMIT_S.
+run_stage() {
+    local name=$1 need=$2 cap=$3
+    shift 3
+    local now left t0 rc status
+    now=$(date +%s)
+    left=$((DEADLINE - RESERVE_S - now))
+    say ""
+    say "=== stage: $name ($(( now - START )) s elapsed, $left s left) ==="
+    if [ "$left" -lt "$need" ]; then
+        say "skipped: needs about $need s, $left s left before the deadline"
+        echo "$name|skipped (deadline)|0" >> "$STATUS_FILE"
+        return 0
+    fi
+    [ "$cap" -lt "$left" ] && left=$cap
+    t0=$(date +%s)
+    # `timeout` runs programs, not shell functions: the stage runs in a child bash
+    STAGE_LIMIT_S=$left GPU_CHECK_DEADLINE=$((t0 + left)) timeout --kill-after=5 "$left" bash -c '"$@"' stage "$@" 2>&1 \
+        | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) status=ok ;;
+        3) status="nothing measured (no CUDA device)" ;;
+        124|137) status="cut off after $left s" ;;
+        *) status="failed (exit $rc)" ;;
+    esac
+    say "--- $name: $status in $(( $(date +%s) - t0 )) s"
+    echo "$name|$status|$(( $(date +%s) - t0 ))" >> "$STATUS_FILE"
+    return 0
+}
+
+# backend_scripts STAGE: the backends' own checks of this stage, within the stage's deadline.
+backend_scripts() {
+    local stage=$1 name left rc=0 args
+    for name in triton cuda; do
+        left=$((GPU_CHECK_DEADLINE - $(date +%s)))
+        if [ ! -f "benchmarks/gpu_$name.py" ]; then
+            echo "benchmarks/gpu_$name.py: not present, no $name-specific $stage checks"
+            continue
+        elif [ "$left" -lt 5 ]; then
+            echo "benchmarks/gpu_$name.py: skipped, the stage's deadline leaves $left s"
+            continue
+        fi
+        if [ "$name" = triton ]; then
+            case $stage in
+                correctness) args=(--stages correctness) ;;
+                paper) args=(--stages paper,bandwidth) ;;
+                large) args=(--stages largec) ;;
+            esac
+        else
+            args=("$stage")
+        fi
+        GPU_CHECK_OUT=$DOCS/$name "$PY" -m "benchmarks.gpu_$name" "${args[@]}" --budget-s "$left" \
+            || rc=$?
+    done
+    return $rc
+}
+
+stage_build() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+        || echo "nvidia-smi: not available"
+    "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+    if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
+        echo "GPU_CHECK_SKIP_BUILD=1: using the extension built in place"
+    else
+        "$PY" -m pip install --no-build-isolation --no-deps -e . || return 1
+    fi
+    if [ -d wheels ]; then
+        "$PY" -m pip install --no-index --find-links wheels liger-kernel cut-cross-entropy \
+            || echo "wheels/: Liger-Kernel / cut-cross-entropy did not install from it"
+    else
+        echo "wheels/: absent, Liger-Kernel and cut-cross-entropy not installed"
+    fi
+    "$PY" -c "import udat_kernels; print('build_info:', udat_kernels.build_info())" || return 1
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
+        || echo "no CUDA device visible: the stages below will say what they could not do"
+}
+
+stage_correctness() {
+    local tests=() rc=0 t
+    for t in tests/test_cuda.py tests/test_triton.py; do
+        if [ -f "$t" ]; then tests+=("$t"); else echo "$t: not present"; fi
+    done
+    if [ ${#tests[@]} -gt 0 ]; then
+        "$PY" -m pytest -q -ra "${tests[@]}" || rc=$?
+    fi
+    backend_scripts correctness || rc=$?
+    return $rc
+}
+
+stage_bench() {
+    local set=$1 stage=$2 rc=0
+    # the side-by-side comparison gets half of the stage, the backends' own checks the rest
+    "$PY" -m benchmarks.report --device cuda --set "$set" --out "$DOCS/$stage" \
+        --time-limit $((STAGE_LIMIT_S / 2)) || rc=$?
+    backend_scripts "$stage" || rc=$?
+    return $rc
+}
+
+stage_e2e() {
+    "$PY" -m benchmarks.end_to_end --device cuda --preset vgg16 --amp bf16 --steps 5 \
+        > "$DOCS/end_to_end.md"
+    local rc=$?
+    cat "$DOCS/end_to_end.md"
+    return $rc
+}
+
+export PY DOCS DEADLINE RESERVE_S GPU_CHECK_SKIP_BUILD
+export -f backend_scripts stage_build stage_correctness stage_bench stage_e2e
+
+say "udat-kernels GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), budget ${BUDGET_S} s"
+#         name        need cap  command
+run_stage build       30   300  stage_build
+if grep -q '^build|ok|' "$STATUS_FILE"; then
+    run_stage correctness 20   60   stage_correctness
+    run_stage paper       30   80   stage_bench gpu-paper paper
+    run_stage large       40   110  stage_bench gpu-large large
+    run_stage end-to-end  20   40   stage_e2e
+else
+    say "the build did not succeed: the GPU stages are skipped"
+    for s in correctness paper large end-to-end; do echo "$s|skipped (no build)|0" >> "$STATUS_FILE"; done
+fi
+
+say ""
+say "=== summary ($(( $(date +%s) - START )) s of ${BUDGET_S} s) ==="
+say "| stage | status | seconds |"
+say "|---|---|---:|"
+while IFS='|' read -r name status secs; do say "| $name | $status | $secs |"; done < "$STATUS_FILE"
+for stage in paper large; do
+    if [ -f "$DOCS/$stage/report.md" ]; then
+        say ""
+        say "targets ($stage):"
+        sed -n '/^## Targets/,$p' "$DOCS/$stage/report.md" | grep '^- ' | tee -a "$LOG"
+    fi
+done
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT" && cp -r "$DOCS"/. "$OUT"/ && say "(copied $DOCS to \$OUT)"
+fi
