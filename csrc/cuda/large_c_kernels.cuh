@@ -1,10 +1,11 @@
 // Kernels around the GEMMs of the large-C path (face-recognition heads, C up to 10^7).
 //
-// Per row block: the logits GEMM writes x_i·ŵ_j (ŵ normalized once per call; raw W for the linear
-// head) in fp32/fp64; the epilogue (a block per row) turns them into z, the log-sum-exp, the loss
-// and, in place, G'_ij = G_ij / |x_i| in the GEMM dtype; two more GEMMs give G'·Ŵ (grad x before
-// its projection, which finish_grad_x applies with u_i = t_i / |x_i|²) and G'ᵀ·x = Σ_i G_ij x̂_i
-// (grad ŵ, accumulated over blocks; finish_grad_w projects and divides by |W_j|).
+// Per row block: the logits GEMM writes x_i·W_j in fp32/fp64 (W itself is the GEMM operand, so
+// no normalized copy and no rounding of ŵ); the epilogue (a block per row) scales them into
+// cosines, applies the margin, forms the log-sum-exp, the loss and, in place, the logit gradient
+// G'_ij = G_ij / (|x_i| |W_j|) in the GEMM dtype. Two more GEMMs give G'·W = gx̂_i / |x_i|
+// (finish_grad_x projects out x̂ with u_i = t_i / |x_i|²) and G'ᵀ·x = gŵ_j / |W_j| (accumulated
+// over the blocks; finish_grad_w projects out ŵ). Same identities as the small-C kernels.
 #pragma once
 
 #include "cuda_common.cuh"
@@ -15,9 +16,11 @@ namespace cuda {
 constexpr int kEpilogueThreads = 256;
 constexpr int kRowThreads = 256;  // norm and grad-W kernels: a block per row
 
-// Squared norms of the rows of a (rows, D) matrix: a warp per row.
+// Squared norms of the rows of a (rows, D) matrix, and optionally 1 / max(norm, eps): a warp per
+// row.
 template <typename A>
-__global__ void row_sumsq_kernel(const void* m, DType t, int64_t rows, int64_t D, A* out) {
+__global__ void row_sumsq_kernel(const void* m, DType t, int64_t rows, int64_t D, A* out,
+                                 A* inv_out) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   if (row >= rows) return;
@@ -27,19 +30,9 @@ __global__ void row_sumsq_kernel(const void* m, DType t, int64_t rows, int64_t D
     s += v * v;
   }
   s = warp_sum(s);
-  if (lane == 0) out[row] = s;
-}
-
-// out = rows of m divided by max(|row|, eps) (or copied when ss is null), in out's dtype.
-template <typename A>
-__global__ void scale_rows_kernel(const void* m, DType t, const A* ss, int64_t rows, int64_t D,
-                                  void* out, DType out_t) {
-  const int64_t n = rows * D;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    A v = load_as<A>(m, t, e);
-    if (ss) v *= inv_norm(ss[e / D]);
-    store_as(out, out_t, e, v);
+  if (lane == 0) {
+    out[row] = s;
+    if (inv_out) inv_out[row] = inv_norm(s);
   }
 }
 
@@ -47,9 +40,10 @@ template <typename A, typename G>
 struct EpilogueArgs {
   RowArgs<A> row;
   GradScale<A> gs;
-  const A* logits;  // (n, C): x_i·ŵ_j (angular) or x_i·W_j (linear)
+  const A* logits;  // (n, C): x_i·W_j
   G* g_out;         // (n, C): G'_ij; may alias logits when G is A
   const A* x_ss;    // (B,) squared norms of x (angular)
+  const A* w_inv;   // (C,) 1 / max(|W_j|, eps) (angular)
   int64_t r0;       // first row of the block
   const A* lse_in;  // backward: (B,)
   A* lse_out;       // forward: (B,)
@@ -80,7 +74,7 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   // The logit of column j, and its cosine (angular) for the gradient.
   auto logit = [&](int64_t j, A& c) -> A {
     if (r.normalize) {
-      c = lrow[j] * inv_n;
+      c = lrow[j] * inv_n * a.w_inv[j];
       return mp.scale * ((t.valid && j == t.y) ? margin_psi(c, mp) : c);
     }
     c = lrow[j];
@@ -127,7 +121,7 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   const A inv_div = a.gs.divisor_parts ? inv_divisor(div) : A(1);
   const A k = row_k(r, a.gs, t, i, inv_div);
   A c_y = A(0);
-  if (r.normalize && t.valid) c_y = lrow[t.y] * inv_n;
+  if (r.normalize && t.valid) c_y = lrow[t.y] * inv_n * a.w_inv[t.y];
   const A dpsi = r.normalize && t.valid ? margin_dpsi(c_y, mp) : A(1);
   G* grow = a.g_out + int64_t(blockIdx.x) * C;
   A tsum = A(0);
@@ -140,8 +134,9 @@ __global__ void __launch_bounds__(kEpilogueThreads)
     if (r.normalize) {
       g = mp.scale * delta * (is_t ? dpsi : A(1));
       tsum += g * c;
+      g *= inv_n * a.w_inv[j];
     }
-    grow[j] = static_cast<G>(g * inv_n);  // in place: read above by this same thread
+    grow[j] = static_cast<G>(g);  // in place: read above by this same thread
   }
   if (r.normalize) tsum = block_sum(tsum, scratch_m);
   if (threadIdx.x == 0) a.u_out[i] = proj ? tsum * inv_n * inv_n : A(0);
@@ -164,7 +159,8 @@ __global__ void finish_grad_x_kernel(const A* gx, const void* x, DType x_t, cons
   }
 }
 
-// grad W from the accumulated grad ŵ: (gŵ_j − (gŵ_j·ŵ_j) ŵ_j) / |W_j| (angular), a block per class.
+// grad W from the accumulated a_j = gŵ_j / |W_j|: a_j − (a_j·ŵ_j) ŵ_j (angular; a_j alone when
+// |W_j| < eps, which is gŵ_j / eps), a block per class.
 template <typename A>
 __global__ void __launch_bounds__(kRowThreads)
     finish_grad_w_kernel(const A* acc, const void* w, DType w_t, const A* w_ss, int64_t D,
@@ -184,10 +180,10 @@ __global__ void __launch_bounds__(kRowThreads)
       dot += arow[d] * load_as<A>(w, w_t, j * D + d);
     }
   }
-  dot = block_sum(dot, scratch) * inv;  // gŵ_j·ŵ_j
+  const A f = block_sum(dot, scratch) * inv * inv;  // (a_j·ŵ_j) / |W_j|
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    const A w_hat = load_as<A>(w, w_t, j * D + d) * inv;
-    store_as(grad_w, gw_t, j * D + d, inv * (arow[d] - (proj ? dot * w_hat : A(0))));
+    const A v = proj ? arow[d] - f * load_as<A>(w, w_t, j * D + d) : arow[d];
+    store_as(grad_w, gw_t, j * D + d, v);
   }
 }
 
