@@ -78,6 +78,10 @@ def register_op_pair(fwd_name: str, bwd_op) -> None:
     def setup_context(ctx, inputs, output):
         args = dict(zip(_FWD_ARGS, inputs))
         _, lse, grad_x, grad_w, grad_b = output
+        # Only the loss is differentiable; without this autograd would hand backward a zero
+        # (C, D) tensor for grad_w's gradient on every call.
+        ctx.mark_non_differentiable(lse, grad_x, grad_w, grad_b)
+        ctx.set_materialize_grads(False)
         ctx.compute_grad = args["compute_grad"]
         ctx.has_bias = args["bias"] is not None
         ctx.scalars = tuple(args[k] for k in ("normalize", "scale", "margin", "cos_margin",
@@ -91,6 +95,8 @@ def register_op_pair(fwd_name: str, bwd_op) -> None:
                                   args["grl_lambda"])
 
     def backward(ctx, grad_loss, _grad_lse, _grad_gx, _grad_gw, _grad_gb):
+        if grad_loss is None:  # grads are not materialized: nothing flows into the loss
+            return (None,) * len(_FWD_ARGS)
         if ctx.compute_grad:
             # The gradient was formed in the forward for an upstream gradient of one: rescale
             # into new tensors, leaving the saved ones as they are (retain_graph stays correct).

@@ -307,8 +307,13 @@ void run_blocks(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
     at::mm_out(gx, zb, P.wa);
     finish_grad_x(P, opt, out.x_scale, r0, gx);
     if (!grad_x_direct) out.grad_x.narrow(0, r0, n).copy_(gx);
-    at::Tensor gw = out.grad_w_acc;
-    gw.addmm_(zb.t(), fb);
+    // The first block writes grad W, later ones accumulate: no zero fill of a (C, D) tensor.
+    if (r0 == 0) {
+      at::Tensor gw = out.grad_w_acc;
+      at::mm_out(gw, zb.t(), fb);
+    } else {
+      out.grad_w_acc.addmm_(zb.t(), fb);
+    }
     if (out.grad_b_acc.defined()) out.grad_b_acc.add_(zb.sum(0));
   }
 }
@@ -330,7 +335,9 @@ void alloc_grads(const Problem<T>& P, const at::Tensor& x, const at::Tensor& wei
                  const OptTensor& bias, PassOut<T>& out) {
   const auto st = c10::CppTypeToScalarType<T>::value;
   out.grad_x = at::empty({P.B, P.D}, x.options());
-  out.grad_w_acc = at::zeros({P.C, P.D}, weight.options().dtype(st));
+  // Zeroed only for an empty batch; otherwise the first row block overwrites it.
+  out.grad_w_acc = P.B == 0 ? at::zeros({P.C, P.D}, weight.options().dtype(st))
+                            : at::empty({P.C, P.D}, weight.options().dtype(st));
   if (bias) out.grad_b_acc = at::zeros({P.C}, weight.options().dtype(st));
 }
 
