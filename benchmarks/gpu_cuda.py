@@ -40,6 +40,9 @@ from benchmarks.harness import Case  # noqa: E402
 
 STAGES = ("correctness", "paper", "large")
 BASELINES = ("ours:triton", "reference", "compile")
+# torch.compile's first call compiles (tens of seconds a shape): its rows run only with this
+# much time left, and once per shape.
+COMPILE_NEEDS_S = 120
 _ROWS: list[dict] = []
 
 
@@ -74,6 +77,13 @@ class Deadline:
             say(f"{what}: skipped ({self.left():.0f} s left, needs about {seconds:.0f} s)")
             return False
         return True
+
+    def baselines(self, case: Case, first_of_shape: bool) -> list[str]:
+        """The baselines to measure next to ours on this case, as time allows."""
+        impls = [b for b in BASELINES if b != "compile"]
+        if first_of_shape and self.allows(COMPILE_NEEDS_S, f"{case.label()} compile"):
+            impls.append("compile")
+        return impls
 
 
 def _row(case: Case, impl: str, *, graph: bool = False, budget_s: float = 1.0) -> harness.Row:
@@ -217,7 +227,7 @@ def stage_paper(deadline: Deadline) -> None:
             g = ours.extra.get("graph_median_s", math.nan)
             say(f"{case.label()} graph step target <= 20 us: {_verdict(g <= 20e-6)} "
                 f"({_fmt_s(g)}{', ' + ours.extra['graph_error'] if 'graph_error' in ours.extra else ''})")
-            for impl in BASELINES:
+            for impl in deadline.baselines(case, dtype == "fp32"):
                 _row(case, impl, graph=True)
 
     bw = harness.copy_bandwidth()
@@ -233,7 +243,7 @@ def stage_paper(deadline: Deadline) -> None:
             frac = floor_s / ours.median_s if ours.status == "ok" else math.nan
             say(f"{case.label()} memory floor {_fmt_s(floor_s)}: {frac:.0%} of it, target "
                 f">= 80%: {_verdict(frac >= 0.8)}")
-            for impl in BASELINES:
+            for impl in deadline.baselines(case, dtype == "fp32"):
                 row = _row(case, impl)
                 if row.status == "ok" and ours.status == "ok" and impl == "ours:triton":
                     say(f"{case.label()} extra peak memory vs triton: "
@@ -255,7 +265,7 @@ def stage_large(deadline: Deadline) -> None:
     if ours.status == "ok":
         ratio = ours.median_s / gemms
         say(f"{case.label()} {ratio:.2f}x the three GEMMs, target <= 1.5x: {_verdict(ratio <= 1.5)}")
-    for impl in BASELINES:
+    for impl in deadline.baselines(case, True):
         if not deadline.allows(20, f"{case.label()} {impl}"):
             continue
         base = _row(case, impl, budget_s=2.0)
