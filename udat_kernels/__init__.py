@@ -8,6 +8,8 @@ See README.md for the API and docs/design.md for how the backends fit together.
 from ._version import __version__
 from . import _C_loader
 from .ops import angular_logits, angular_margin_cross_entropy, linear_cross_entropy
+from .grl import grad_reverse
+from . import nn, schedules
 
 
 def build_info() -> dict:
@@ -28,5 +30,8 @@ __all__ = [
     "angular_logits",
     "angular_margin_cross_entropy",
     "build_info",
+    "grad_reverse",
     "linear_cross_entropy",
+    "nn",
+    "schedules",
 ]

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .grl import grad_reverse
+
 NORM_EPS = 1e-12
 SIN_FLOOR = 1e-12
 REDUCTIONS = ("none", "mean", "sum")
@@ -151,19 +153,3 @@ def insightface_arcface(x, weight, target, *, scale=64.0, margin=0.5, ignore_ind
         logits.cos_()
     logits = logits * scale
     return F.cross_entropy(logits, target, ignore_index=ignore_index)
-
-
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lambda_):
-        ctx.lambda_ = lambda_
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * (-ctx.lambda_), None
-
-
-def grad_reverse(x: torch.Tensor, lambda_) -> torch.Tensor:
-    """Identity forward, -lambda * grad backward (lambda a float or a 0-dim tensor)."""
-    return _GradReverse.apply(x, lambda_)
