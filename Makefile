@@ -23,11 +23,14 @@ $(DEPS_STAMP): requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# The editable install registers the package and its console scripts and builds udat_kernels._C
-# in place; a changed source rebuilds it incrementally.
+# The first build is the editable install (package, console scripts, udat_kernels._C in place);
+# after a source change only the extension is rebuilt.
 $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES) pyproject.toml
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
-	$(PY) setup.py --quiet build_ext --inplace
+	if [ -f $(VENV)/.editable ]; then \
+	  $(PY) setup.py --quiet build_ext --inplace; \
+	else \
+	  $(PY) -m pip install --quiet --no-build-isolation --no-deps -e . && touch $(VENV)/.editable; \
+	fi
 	$(PY) -c "import udat_kernels; print('udat-kernels built:', udat_kernels.build_info())"
 	touch $@
 
@@ -48,4 +51,4 @@ bench: setup
 	$(PY) benchmarks/report.py
 
 clean:
-	rm -rf build build-cmake udat_kernels/_C*.so $(EXT_STAMP)
+	rm -rf build build-cmake udat_kernels/_C*.so $(EXT_STAMP) $(VENV)/.editable
