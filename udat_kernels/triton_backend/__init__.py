@@ -21,11 +21,10 @@ except Exception as exc:  # not installed, or no usable driver
 
 if _IMPORT_ERROR is None:
     from . import launch, registration
-    from .small_c import SMALL_C_MAX
 
     _REGISTER_ERROR = registration.register()
 else:
-    SMALL_C_MAX = 64
+    launch = None
     _REGISTER_ERROR = None
 
 
@@ -67,7 +66,7 @@ class TritonBackend:
         # Small heads are bandwidth-bound: recomputing in the backward reads x once more but
         # never writes and re-reads a saved grad x (three passes over B×D instead of four).
         # Large heads are GEMM-bound: forming the gradient in the forward saves the fourth GEMM.
-        return C > SMALL_C_MAX
+        return launch is not None and not launch.use_small_c(C)
 
 
 BACKEND = TritonBackend()

@@ -36,6 +36,20 @@ def inv_norm(sumsq):
 
 
 @triton.jit
+def cast_rn(v, dtype: tl.constexpr):
+    """fp32 v converted to dtype with round-to-nearest-even.
+
+    That is what the GPU's conversion does; the interpreter truncates fp32 -> bf16, so the bf16
+    case is rounded by hand (on the bits, NaN kept), which gives the same numbers on both.
+    """
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+    return v.to(dtype)
+
+
+@triton.jit
 def margin_psi(c, cos_m, sin_m, threshold, linear_off, cos_margin):
     """psi(c) of SPEC §2 on the clamped cosine: angular branch above cos(pi - m2), linear below."""
     c = tl.minimum(tl.maximum(c, -1.0), 1.0)
@@ -144,6 +158,15 @@ def mean_denominator(target, class_weight, sample_weight, C, ignore_index) -> to
     return out
 
 
+def dot_fp32(x, weight) -> bool:
+    """Whether the logits tiles upcast to fp32 (IEEE) instead of a native half-precision dot."""
+    if x.dtype != weight.dtype or x.dtype == torch.float32:
+        return True
+    # The interpreter's bf16 dot multiplies raw bits (numpy has no bf16); bf16 products are
+    # exact in fp32, so upcasting there gives the tensor-core result.
+    return x.dtype == torch.bfloat16 and interpreting()
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -151,5 +174,5 @@ def num_sms(device: torch.device) -> int:
 
 
 def dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A placeholder pointer for an absent optional tensor (never read: a constexpr flag says so)."""
+    """A stand-in pointer for an absent optional tensor (never read: a constexpr flag says so)."""
     return t if t is not None else like

@@ -7,9 +7,11 @@ all rows: a kernel that owns the only row block writes it directly (the paper's 
 launch), otherwise each program accumulates its rows into its own fp32 partial (programs, C, D)
 and a second kernel sums the partials in a fixed order, so the result is deterministic.
 
-All classes of a row are held in registers (BLOCK_C = next power of two of C), so this path is
-for C up to SMALL_C_MAX; larger heads take the tiled path (tiled.py). The class dimension is
-too narrow for tensor cores, so the products are broadcast multiply-adds in fp32.
+The logits of a row block over all classes live in registers, so this path is for C up to
+SMALL_C_MAX; larger heads take the tiled path (tiled.py). The class dimension is too narrow for
+tensor cores: the products are fp32 multiply-adds with the classes unrolled (NUM_C is a
+constexpr, one compilation per head size), which lets the x tile be wide whatever C is — what a
+bandwidth-bound kernel needs.
 """
 
 from __future__ import annotations
@@ -18,16 +20,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MarginConsts, denominator_sum, dummy, inv_norm, margin_dpsi, margin_psi,
-                      mean_denominator, num_sms, row_scale)
+from ._common import (MarginConsts, cast_rn, denominator_sum, dummy, inv_norm, margin_dpsi,
+                      margin_psi, mean_denominator, num_sms, row_scale)
 
-# Largest C served by this path (the class block lives in registers).
-SMALL_C_MAX = 64
+# Largest C served by this path: the classes are unrolled, and compile time and registers grow
+# with them (C = 64 takes minutes to compile); larger heads take the tiled path.
+SMALL_C_MAX = 16
 # Upper bound on rows per block; and on programs (None: 4 per SM; the interpreter uses 2).
 BLOCK_ROWS_MAX = 64
 MAX_PROGRAMS = None
-# Elements of the (rows, classes, features) broadcast product one step may hold.
-_PRODUCT_BUDGET = 8192
+# Features per step of the x tile (tests lower it to cross chunk boundaries).
+BLOCK_D_MAX = 128
+
+
+@triton.jit
+def _column(mat, cols, j):
+    """Column j of a (rows, BLOCK_C) register tile, as (rows,)."""
+    return tl.sum(tl.where(cols[None, :] == j, mat, 0.0), 1)
+
+
+@triton.jit
+def _entry(vec, cols, j):
+    """Entry j of a (BLOCK_C,) register vector, as a scalar."""
+    return tl.sum(tl.where(cols == j, vec, 0.0), 0)
 
 
 @triton.jit
@@ -41,7 +56,7 @@ def _small_c_kernel(
     HAS_GLOSS: tl.constexpr, HAS_LAMBDA: tl.constexpr, REDUCTION: tl.constexpr,
     WRITE_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DENOM_INLINE: tl.constexpr,
     SINGLE_PROGRAM: tl.constexpr, GW_DIRECT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Loss and/or gradient of row blocks pid, pid + programs, ...
 
@@ -56,7 +71,7 @@ def _small_c_kernel(
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     offs_d = tl.arange(0, BLOCK_D)
-    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    w_rows = w_ptr + cols[:, None] * stride_w
 
     if HAS_CW:
         wj = tl.load(cw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -104,7 +119,8 @@ def _small_c_kernel(
             HAS_SW, HAS_GLOSS, REDUCTION)
         is_t = (cols[None, :] == tgt[:, None]) & valid[:, None]
 
-        # Pass 1 over the features: raw dot products and row sums of squares.
+        # Pass 1 over the features: raw dot products and row sums of squares. The classes
+        # are unrolled, so that the x tile can be wide (bytes in flight) whatever C is.
         acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
         xsq = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -112,10 +128,11 @@ def _small_c_kernel(
             d_ok = dd < D
             xt = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
                          other=0.0).to(tl.float32)
-            wt = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                         other=0.0).to(tl.float32)
-            acc += tl.sum(xt[:, None, :] * wt[None, :, :], 2)
             xsq += tl.sum(xt * xt, 1)
+            for j in tl.static_range(NUM_C):
+                w_j = tl.load(w_ptr + j * stride_w + dd, mask=d_ok, other=0.0).to(tl.float32)
+                dot = tl.sum(xt * w_j[None, :], 1)
+                acc += tl.where(cols[None, :] == j, dot[:, None], 0.0)
 
         # Logits, log-sum-exp and loss, all in registers.
         if NORMALIZE:
@@ -169,39 +186,42 @@ def _small_c_kernel(
                 col_t = tl.sum(g, 0)
 
             # Pass 2 over the features (x's block is hot in cache): grad x, grad W.
+            if NORMALIZE:
+                col_t = tl.where(proj_w, col_t, 0.0)
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 d_ok = dd < D
-                xt = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                             other=0.0).to(tl.float32)
-                wt = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                xs = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
                              other=0.0).to(tl.float32)
                 if NORMALIZE:
-                    w_hat = wt * inv_w[:, None]
-                    x_hat = xt * inv_x[:, None]
-                    gx = tl.sum(g[:, :, None] * w_hat[None, :, :], 1)
-                    gx = inv_x[:, None] * (gx - row_t[:, None] * x_hat)
-                    gw = tl.sum(g[:, :, None] * x_hat[:, None, :], 0)
-                else:
-                    gx = tl.sum(g[:, :, None] * wt[None, :, :], 1)
-                    gw = tl.sum(g[:, :, None] * xt[:, None, :], 0)
+                    xs = xs * inv_x[:, None]  # x̂
+                gx = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+                for j in tl.static_range(NUM_C):
+                    w_j = tl.load(w_ptr + j * stride_w + dd, mask=d_ok, other=0.0).to(tl.float32)
+                    g_j = _column(g, cols, j)
+                    if NORMALIZE:
+                        inv_w_j = _entry(inv_w, cols, j)
+                        w_j = w_j * inv_w_j  # ŵ_j
+                    gx += g_j[:, None] * w_j[None, :]
+                    gw_j = tl.sum(g_j[:, None] * xs, 0)
+                    if GW_DIRECT:
+                        if NORMALIZE:
+                            gw_j = inv_w_j * (gw_j - _entry(col_t, cols, j) * w_j)
+                        tl.store(gw_ptr + j * D + dd, cast_rn(gw_j, gw_ptr.dtype.element_ty),
+                                 mask=d_ok)
+                    else:
+                        part = gw_part_ptr + (pid * C + j) * D + dd
+                        prev = tl.load(part, mask=d_ok & (blk != pid), other=0.0)
+                        tl.store(part, prev + gw_j, mask=d_ok)
+                if NORMALIZE:
+                    gx = inv_x[:, None] * (gx - row_t[:, None] * xs)
                 if HAS_LAMBDA:
                     gx = gx * neg_lambda
                 tl.store(gx_ptr + rows64[:, None] * D + dd[None, :],
-                         gx.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-                gw_mask = col_ok[:, None] & d_ok[None, :]
-                if GW_DIRECT:
-                    if NORMALIZE:
-                        gw = inv_w[:, None] * (gw - tl.where(proj_w, col_t, 0.0)[:, None] * w_hat)
-                    tl.store(gw_ptr + cols.to(tl.int64)[:, None] * D + dd[None, :],
-                             gw.to(gw_ptr.dtype.element_ty), mask=gw_mask)
-                else:
-                    part = gw_part_ptr + (pid * C + cols)[:, None] * D + dd[None, :]
-                    prev = tl.load(part, mask=gw_mask & (blk != pid), other=0.0)
-                    tl.store(part, prev + gw, mask=gw_mask)
+                         cast_rn(gx, gx_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
             if GW_DIRECT:
                 if HAS_BIAS:
-                    tl.store(gb_ptr + cols, col_t.to(gb_ptr.dtype.element_ty), mask=col_ok)
+                    tl.store(gb_ptr + cols, cast_rn(col_t, gb_ptr.dtype.element_ty), mask=col_ok)
             else:
                 part = col_part_ptr + pid * C + cols
                 prev = tl.load(part, mask=col_ok & (blk != pid), other=0.0)
@@ -248,16 +268,28 @@ def _small_c_grad_weight_kernel(
         w = tl.load(w_ptr + j * stride_w + dd, mask=d_ok, other=0.0).to(tl.float32)
         t = tl.where(norm >= 1e-12, t, 0.0)
         acc = inv_w * (acc - t * w * inv_w)
-    tl.store(gw_ptr + j * D + dd, acc.to(gw_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(gw_ptr + j * D + dd, cast_rn(acc, gw_ptr.dtype.element_ty), mask=d_ok)
     if HAS_BIAS:
-        tl.store(gb_ptr + j, t.to(gb_ptr.dtype.element_ty), mask=tl.program_id(1) == 0)
+        tl.store(gb_ptr + j, cast_rn(t, gb_ptr.dtype.element_ty), mask=tl.program_id(1) == 0)
 
 
-def _config(B: int, C: int, D: int):
+def _config(B: int, C: int, D: int, compute_grad: bool):
+    """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps), chosen so that the sm_90 build does not spill.
+
+    Up to BLOCK_ROWS_MAX rows make one block, so the paper's batch runs as one program that
+    writes grad W directly; larger batches take 16-row blocks (more programs in flight) with
+    wide feature tiles. The unrolled classes cost registers, hence narrower tiles for more
+    classes.
+    """
     block_c = triton.next_power_of_2(C)
-    block_b = min(BLOCK_ROWS_MAX, triton.next_power_of_2(max(B, 1)), max(1, 1024 // block_c))
-    block_d = max(16, min(triton.next_power_of_2(D), _PRODUCT_BUDGET // (block_b * block_c)))
-    num_warps = 4 if block_b * block_c * block_d <= 4096 else 8
+    if B <= BLOCK_ROWS_MAX:
+        block_b = triton.next_power_of_2(max(B, 1))
+        block_d = 64 if block_c <= 4 else 32
+    else:
+        block_b = min(16, BLOCK_ROWS_MAX)
+        block_d = 128 if block_c <= 8 else 64
+    block_d = min(BLOCK_D_MAX, block_d, max(16, triton.next_power_of_2(D)))
+    num_warps = 8 if compute_grad or block_b * block_d >= 4096 else 4
     return block_b, block_c, block_d, num_warps
 
 
@@ -279,7 +311,7 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
     B, D = x.shape
     C = weight.shape[0]
     dev = x.device
-    block_b, block_c, block_d, num_warps = _config(B, C, D)
+    block_b, block_c, block_d, num_warps = _config(B, C, D, compute_grad)
     n_blocks = triton.cdiv(B, block_b)
     P = _programs(n_blocks, dev)
     gw_direct = n_blocks == 1
@@ -315,7 +347,7 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
         HAS_SW=sample_weight is not None, HAS_GLOSS=grad_loss is not None,
         HAS_LAMBDA=grl_lambda is not None, REDUCTION=reduction, WRITE_LOSS=write_loss,
         COMPUTE_GRAD=compute_grad, DENOM_INLINE=P == 1, SINGLE_PROGRAM=P == 1,
-        GW_DIRECT=gw_direct, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
+        GW_DIRECT=gw_direct, NUM_C=C, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=num_warps)
 
     if compute_grad and not gw_direct:

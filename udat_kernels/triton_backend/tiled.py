@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MarginConsts, dummy, interpreting, margin_dpsi, margin_psi,
+from ._common import (MarginConsts, cast_rn, dot_fp32, dummy, margin_dpsi, margin_psi,
                       mean_denominator, row_scale)
 
 # Bytes the per-chunk logits (and gradient) buffer may take; tests lower it to force chunks.
@@ -56,7 +56,7 @@ def _row_norm_kernel(src_ptr, norm_ptr, hat_ptr, N, D, stride,
             v = tl.load(src_ptr + rows[:, None] * stride + dd[None, :], mask=mask,
                         other=0.0).to(tl.float32)
             tl.store(hat_ptr + rows[:, None] * D + dd[None, :],
-                     (v * inv[:, None]).to(hat_ptr.dtype.element_ty), mask=mask)
+                     cast_rn(v * inv[:, None], hat_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -100,10 +100,13 @@ def _logits_kernel(
         if HAS_MARGIN:
             tgt = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
             is_t = (cols[None, :] == tgt[:, None]) & (tgt != ignore_index)[:, None]
-            psi = margin_psi(cos, cos_m, sin_m, threshold, linear_off, cos_margin)
-            z = scale * tl.where(is_t, psi, cos)
-            tl.store(cy_ptr + local[:, None] + 0 * cols[None, :], cos,
-                     mask=is_t & row_ok[:, None] & col_ok[None, :])
+            # The margin on one column per row: ψ of a (BLOCK_M,) vector, not of the whole
+            # tile (which would spill the accumulator's registers).
+            c_y = tl.sum(tl.where(is_t, cos, 0.0), 1)
+            psi_y = margin_psi(c_y, cos_m, sin_m, threshold, linear_off, cos_margin)
+            z = scale * tl.where(is_t, psi_y[:, None], cos)
+            here = (tgt >= pid_n * BLOCK_N) & (tgt < pid_n * BLOCK_N + BLOCK_N) & (tgt < C)
+            tl.store(cy_ptr + local, c_y, mask=row_ok & here & (tgt != ignore_index))
         else:
             z = scale * cos
     else:
@@ -202,7 +205,7 @@ def _softmax_grad_kernel(
             is_t = (cols == tgt) & ok_t
             delta = tl.exp(z - lse) * p_coef - smooth_b * wj - tl.where(is_t, a, 0.0)
             g = g_scale * tl.where(is_t, delta * dpsi, delta)
-            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=ok)
+            tl.store(g_row + cols, cast_rn(g, g_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -248,7 +251,7 @@ def _project_kernel(g_ptr, v_ptr, out_ptr, lam_ptr, N, D, stride_g, stride_v,
                         other=0.0).to(tl.float32)
             g = g - coef[:, None] * v
         tl.store(out_ptr + rows[:, None] * D + dd[None, :],
-                 (g * factor[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+                 cast_rn(g * factor[:, None], out_ptr.dtype.element_ty), mask=mask)
 
 
 def _tiles(x, weight):
@@ -256,18 +259,11 @@ def _tiles(x, weight):
         return TILE
     if x.device.type != "cuda":
         return 16, 16, 16, 4, 1
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the largest tiles whose sm_90 build
+    # keeps the accumulator and the margin epilogue in registers (no spills).
     if x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16):
-        return 128, 128, 64, 8, 3
+        return 128, 128, 32, 8, 4
     return 64, 64, 32, 4, 2
-
-
-def _dot_fp32(x, weight) -> bool:
-    """Whether the logits tiles upcast to fp32 (IEEE) instead of a native half-precision dot."""
-    if x.dtype != weight.dtype or x.dtype == torch.float32:
-        return True
-    # The interpreter's bf16 dot multiplies raw bits (numpy has no bf16); bf16 products are
-    # exact in fp32, so upcasting there gives the tensor-core result.
-    return x.dtype == torch.bfloat16 and interpreting()
 
 
 def _gemm_dtype(x, weight):
@@ -360,7 +356,7 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
             x, weight, target, dummy(bias, z), xnorm, wnorm, z, cy, row0, rows, C, D,
             x.stride(0), weight.stride(0), ignore_index, *consts.args(),
             NORMALIZE=normalize, HAS_MARGIN=need_cy, HAS_BIAS=bias is not None,
-            DOT_FP32=_dot_fp32(x, weight),
+            DOT_FP32=dot_fp32(x, weight),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         _softmax_grad_kernel[(rows,)](
             z, g, cy, target, dummy(class_weight, z), dummy(sample_weight, z),
