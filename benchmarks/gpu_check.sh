@@ -119,12 +119,14 @@ stage_build() {
     else
         "$PY" -m pip install --no-build-isolation --no-deps -e . || return 1
     fi
-    if [ -d wheels ]; then
-        "$PY" -m pip install --no-index --find-links wheels liger-kernel cut-cross-entropy \
-            || echo "wheels/: Liger-Kernel / cut-cross-entropy did not install from it"
-    else
-        echo "wheels/: absent, Liger-Kernel and cut-cross-entropy not installed"
-    fi
+    local pkg
+    for pkg in liger-kernel cut-cross-entropy; do
+        if [ -d wheels ] && "$PY" -m pip install --quiet --no-index --find-links wheels "$pkg"; then
+            echo "$pkg: installed from wheels/"
+        else
+            echo "$pkg: not installed (no wheel for it in wheels/)"
+        fi
+    done
     "$PY" -c "import udat_kernels; print('build_info:', udat_kernels.build_info())" || return 1
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
         || echo "no CUDA device visible: the stages below will say what they could not do"

@@ -137,7 +137,7 @@ def _ours(backend: str, case: Case, seed: int) -> Built:
     fn_name = "linear_cross_entropy" if case.op == "linear" else "angular_margin_cross_entropy"
     fn = getattr(udat_kernels, fn_name, None)
     if fn is None:
-        raise Unavailable(f"udat_kernels.{fn_name} is not there yet")
+        raise Unavailable(f"this udat_kernels has no {fn_name}")
     x, w, t = inputs(case, seed)
     why = dispatch.get_backend(backend).reasons(x, w)
     if why:
