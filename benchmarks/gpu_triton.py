@@ -2,6 +2,7 @@
 large-C figures of backend="triton", printed row by row as they are measured.
 
     python -m benchmarks.gpu_triton [--budget-s SECONDS] [--stages correctness,paper,...]
+    python -m benchmarks.gpu_triton --smoke     # the same code on the CPU, tiny sizes
 
 Stages, in order; each is skipped (with a line saying so) when the deadline leaves it no time:
   correctness  fp32/bf16/fp16 on a subset of the test matrix (small-C and tiled paths), against
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -31,8 +34,40 @@ from benchmarks import harness, providers
 from benchmarks.harness import Case
 
 STAGES = ("correctness", "paper", "bandwidth", "largec")
-# Rough seconds each stage needs; a stage starts only if the deadline leaves this much.
-STAGE_COST_S = {"correctness": 20, "paper": 40, "bandwidth": 40, "largec": 90}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and baselines of one run: the GPU figures, or a smoke run of the same code on the
+    CPU (Triton interpreter, tiny sizes, no torch.compile, no CUDA-only measurements)."""
+
+    device: str
+    correctness: tuple  # (B, D, C)
+    paper: tuple  # (B, D, C), fp32 and bf16
+    bandwidth: tuple
+    largec: tuple  # (B, D, C), bf16
+    baselines: tuple
+    stage_cost_s: dict  # a stage starts only if the deadline leaves this much
+
+
+GPU_PLAN = Plan(
+    device="cuda",
+    correctness=((64, 1024, 2), (64, 1024, 7), (300, 130, 7), (257, 96, 1000), (64, 64, 5003)),
+    paper=((64, 1024, 2), (64, 1024, 7)),
+    bandwidth=((65536, 1024, 2), (65536, 1024, 7)),
+    largec=((8192, 512, 100_000), (8192, 512, 1_000_000)),
+    baselines=("reference", "compile"),
+    stage_cost_s={"correctness": 20, "paper": 40, "bandwidth": 40, "largec": 90},
+)
+SMOKE_PLAN = Plan(
+    device="cpu",
+    correctness=((20, 33, 2), (70, 17, 7), (9, 24, 40)),
+    paper=((16, 64, 2),),
+    bandwidth=((80, 64, 7),),
+    largec=((32, 32, 100),),
+    baselines=("reference",),
+    stage_cost_s={"correctness": 5, "paper": 5, "bandwidth": 5, "largec": 5},
+)
 
 
 def say(*parts) -> None:
@@ -54,26 +89,25 @@ def _fmt_b(b: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def stage_correctness(deadline: float) -> bool:
-    """A subset of tests/test_triton.py's matrix on the GPU; True when every case passes."""
-    sys.path.insert(0, "tests")
+def stage_correctness(plan: Plan, deadline: float) -> bool:
+    """A subset of tests/test_triton.py's matrix; True when every case passes."""
+    sys.path.insert(0, os.path.join(harness.ROOT, "tests"))
     from helpers import check_against_reference, make_inputs
 
     import udat_kernels as uk
 
-    cases = [(64, 1024, 2), (64, 1024, 7), (300, 130, 7), (257, 96, 1000), (64, 64, 5003)]
     ok = True
-    for B, D, C in cases:
+    for B, D, C in plan.correctness:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             if time.monotonic() > deadline:
                 say("correctness: deadline reached, remaining cases skipped")
                 return ok
             for angular in (True, False):
                 x, w, t = make_inputs(B, D, C, x_dtype=dtype, w_dtype=dtype, seed=C,
-                                      device="cuda")
+                                      device=plan.device)
                 kw = {"label_smoothing": 0.1, "grl_lambda": 0.5}
                 if not angular:
-                    kw["bias"] = torch.randn(C, device="cuda").to(dtype)
+                    kw["bias"] = torch.randn(C, device=plan.device).to(dtype)
                 fn = uk.angular_margin_cross_entropy if angular else uk.linear_cross_entropy
                 name = f"{'angular' if angular else 'linear'} B={B} D={D} C={C} {dtype}"
                 try:
@@ -119,59 +153,64 @@ def _row(case: Case, impl: str, graph: bool, budget_s: float) -> harness.Row:
     return row
 
 
-def stage_paper(deadline: float) -> None:
-    for C in (2, 7):
+def stage_paper(plan: Plan, deadline: float) -> None:
+    on_gpu = plan.device == "cuda"
+    for B, D, C in plan.paper:
         for dtype in ("fp32", "bf16"):
             if time.monotonic() > deadline:
                 say("paper: deadline reached, rest skipped")
                 return
-            case = Case("arcface", 64, 1024, C, dtype=dtype, device="cuda")
-            launches = count_launches(case)
-            n = len(launches["ours"])
-            say(f"{case.label()} launches: {n} Triton kernels {launches['ours']}, target <= 2: "
-                f"{'PASS' if n <= 2 else 'MISS'}; besides them {len(launches['torch'])} torch "
-                f"kernels {launches['torch']} and {launches['memset_memcpy']} memset/memcpy")
-            ours = _row(case, "ours:triton", True, 2.0)
-            g = ours.extra.get("graph_median_s", math.nan)
-            say(f"{case.label()} graph step target <= 30 us: "
-                f"{'PASS' if g <= 30e-6 else 'MISS'} ({_fmt_s(g)})")
-            for impl in ("reference", "compile"):
-                _row(case, impl, True, 1.0)
+            case = Case("arcface", B, D, C, dtype=dtype, device=plan.device)
+            if on_gpu:
+                launches = count_launches(case)
+                n = len(launches["ours"])
+                say(f"{case.label()} launches: {n} Triton kernels {launches['ours']}, target "
+                    f"<= 2: {'PASS' if n <= 2 else 'MISS'}; besides them "
+                    f"{len(launches['torch'])} torch kernels {launches['torch']} and "
+                    f"{launches['memset_memcpy']} memset/memcpy")
+            ours = _row(case, "ours:triton", on_gpu, 2.0)
+            if on_gpu:
+                g = ours.extra.get("graph_median_s", math.nan)
+                say(f"{case.label()} graph step target <= 30 us: "
+                    f"{'PASS' if g <= 30e-6 else 'MISS'} ({_fmt_s(g)})")
+            for impl in plan.baselines:
+                _row(case, impl, on_gpu, 1.0)
 
 
-def stage_bandwidth(deadline: float) -> None:
-    bw = harness.copy_bandwidth()
+def stage_bandwidth(plan: Plan, deadline: float) -> None:
+    bw = harness.copy_bandwidth(plan.device, nbytes=1 << (30 if plan.device == "cuda" else 24))
     say(f"device-to-device copy bandwidth {bw / 1e9:.0f} GB/s")
-    for C in (2, 7):
+    for B, D, C in plan.bandwidth:
         for dtype in ("fp32", "bf16"):
             if time.monotonic() > deadline:
                 say("bandwidth: deadline reached, rest skipped")
                 return
-            case = Case("arcface", 65536, 1024, C, dtype=dtype, device="cuda")
+            case = Case("arcface", B, D, C, dtype=dtype, device=plan.device)
             elem = torch.finfo(case.torch_dtype).bits // 8
             floor_s = 3 * case.B * case.D * elem / bw
             ours = _row(case, "ours:triton", False, 2.0)
             frac = floor_s / ours.median_s if ours.status == "ok" else math.nan
             say(f"{case.label()} memory floor {_fmt_s(floor_s)}: {frac:.0%} of it, target "
                 f">= 70%: {'PASS' if frac >= 0.7 else 'MISS'}")
-            for impl in ("reference", "compile"):
+            for impl in plan.baselines:
                 _row(case, impl, False, 1.0)
 
 
-def stage_largec(deadline: float) -> None:
-    rate = harness.gemm_rate(torch.bfloat16)
-    say(f"bf16 GEMM rate {rate / 1e12:.0f} TFLOP/s")
-    for C in (100_000, 1_000_000):
+def stage_largec(plan: Plan, deadline: float) -> None:
+    n = 8192 if plan.device == "cuda" else 256
+    rate = harness.gemm_rate(torch.bfloat16, n=n, device=plan.device)
+    say(f"bf16 GEMM rate {rate / 1e12:.3g} TFLOP/s")
+    for B, D, C in plan.largec:
         if time.monotonic() > deadline:
             say("largec: deadline reached, rest skipped")
             return
-        case = Case("arcface", 8192, 512, C, dtype="bf16", device="cuda")
+        case = Case("arcface", B, D, C, dtype="bf16", device=plan.device)
         ours = _row(case, "ours:triton", False, 3.0)
         useful = 3 * 2 * case.B * case.C * case.D
         frac = useful / ours.median_s / rate if ours.status == "ok" else math.nan
         say(f"{case.label()} {frac:.0%} of the bf16 GEMM rate, target >= 50%: "
             f"{'PASS' if frac >= 0.5 else 'MISS'}")
-        for impl in ("reference", "compile"):
+        for impl in plan.baselines:
             if time.monotonic() > deadline:
                 say(f"{case.label()} {impl}: skipped (deadline)")
                 continue
@@ -179,28 +218,35 @@ def stage_largec(deadline: float) -> None:
             if base.status != "ok" or ours.status != "ok":
                 say(f"{case.label()} vs {impl}: not comparable ({base.status})")
                 continue
-            say(f"{case.label()} vs {impl}: speedup {base.median_s / ours.median_s:.2f}x, "
-                f"extra peak memory {ours.peak_mem_bytes / base.peak_mem_bytes:.0%} of it"
-                + (" (target <= 25%: " + ("PASS" if ours.peak_mem_bytes
-                                          <= 0.25 * base.peak_mem_bytes else "MISS") + ")"
-                   if impl == "reference" else ""))
-        torch.cuda.empty_cache()
+            line = (f"{case.label()} vs {impl}: speedup {base.median_s / ours.median_s:.2f}x, "
+                    f"extra peak memory {ours.peak_mem_bytes / base.peak_mem_bytes:.0%} of it")
+            if impl == "reference":
+                fits = ours.peak_mem_bytes <= 0.25 * base.peak_mem_bytes
+                line += f" (target <= 25%: {'PASS' if fits else 'MISS'})"
+            say(line)
+        if plan.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 RUNNERS = {"correctness": stage_correctness, "paper": stage_paper,
            "bandwidth": stage_bandwidth, "largec": stage_largec}
 
 
-def run(budget_s: float, stages=STAGES) -> int:
-    """Run the stages in order within budget_s seconds; returns a process exit status."""
+def run(budget_s: float, stages=STAGES, smoke: bool = False) -> int:
+    """Run the stages in order within budget_s seconds; returns a process exit status.
+
+    smoke: run every stage on the CPU through the Triton interpreter at tiny sizes (checks the
+    code of this script where there is no GPU; its figures mean nothing).
+    """
     deadline = time.monotonic() + budget_s
-    if not torch.cuda.is_available():
+    plan = SMOKE_PLAN if smoke else GPU_PLAN
+    if not smoke and not torch.cuda.is_available():
         for name in stages:
-            say(f"{name}: skipped (no CUDA device)")
+            say(f"{name}: skipped (no CUDA device; --smoke runs this script on the CPU)")
         return 0
     from udat_kernels import dispatch
 
-    probe = torch.zeros(1, 1, device="cuda")
+    probe = torch.zeros(1, 1, device=plan.device)
     why = dispatch.get_backend("triton").reasons(probe, probe)
     if why:
         say("all stages skipped: backend 'triton' cannot serve: " + "; ".join(why))
@@ -208,14 +254,14 @@ def run(budget_s: float, stages=STAGES) -> int:
     status = 0
     for name in stages:
         left = deadline - time.monotonic()
-        if left < STAGE_COST_S[name]:
-            say(f"{name}: skipped ({left:.0f} s left, needs about {STAGE_COST_S[name]} s)")
+        cost = plan.stage_cost_s[name]
+        if left < cost:
+            say(f"{name}: skipped ({left:.0f} s left, needs about {cost} s)")
             continue
         t0 = time.monotonic()
         say(f"{name}: start")
         try:
-            result = RUNNERS[name](deadline)
-            if result is False:
+            if RUNNERS[name](plan, deadline) is False:
                 status = 1
         except Exception as e:  # noqa: BLE001 - report and go on to the next stage
             status = 1
@@ -230,12 +276,16 @@ def main(argv=None) -> int:
                    help="seconds for all stages together (default 240)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--smoke", action="store_true",
+                   help="run every stage on the CPU (Triton interpreter, tiny sizes)")
     args = p.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         p.error(f"unknown stages {unknown}; expected {STAGES}")
-    return run(args.budget_s, stages)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    return run(args.budget_s, stages, smoke=args.smoke)
 
 
 if __name__ == "__main__":
