@@ -43,6 +43,7 @@ unset TRITON_INTERPRET
 
 DOCS=docs/gpu
 mkdir -p "$DOCS"
+rm -rf "$DOCS/paper" "$DOCS/large" "$DOCS/triton" "$DOCS/cuda" "$DOCS/end_to_end.md"
 LOG=$DOCS/gpu_check.log
 : > "$LOG"
 STATUS_FILE=$(mktemp)
@@ -185,10 +186,16 @@ while IFS='|' read -r name status secs; do say "| $name | $status | $secs |"; do
 for stage in paper large; do
     if [ -f "$DOCS/$stage/report.md" ]; then
         say ""
-        say "targets ($stage):"
+        say "targets, side-by-side comparison ($stage):"
         sed -n '/^## Targets/,$p' "$DOCS/$stage/report.md" | grep '^- ' | tee -a "$LOG"
     fi
 done
+BACKEND_TARGETS=$(grep -E '^\[(triton|cuda)\].*target' "$LOG")
+if [ -n "$BACKEND_TARGETS" ]; then
+    say ""
+    say "targets, the backends' own checks:"
+    say "$BACKEND_TARGETS"
+fi
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT" && cp -r "$DOCS"/. "$OUT"/ && say "(copied $DOCS to \$OUT)"
 fi

@@ -101,6 +101,8 @@ def cpu_groups(name: str) -> list[Group]:
     ]
     if name == "default":
         return groups
+    if name == "targets":
+        return groups[:2]
     if name == "full":
         face = [(B, 512, C) for B in (256, 1024) for C in (10_000, 100_000)]
         paper = [(B, 1024, C) for B in (64, 4096) for C in (2, 7)]
@@ -334,11 +336,22 @@ def plot_sweep(rows: list[Row], path_prefix: str, title: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
 def environment(device: str) -> dict:
     env = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "torch": torch.__version__, "python": platform.python_version(),
            "machine": platform.machine(), "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count()}
+           "cpu_count": os.cpu_count(), "cpu": _cpu_name()}
     try:
         import udat_kernels
 
@@ -412,8 +425,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--set", default=None,
-                    help="comma-separated: default, quick, full (CPU); gpu-paper, gpu-large, "
-                         "gpu-quick (CUDA)")
+                    help="comma-separated: default, quick, targets, full (CPU); gpu-paper, "
+                         "gpu-large, gpu-quick (CUDA)")
     ap.add_argument("--out", default=os.path.join("runs", "bench"),
                     help="folder for results.json, report.md and the plots")
     ap.add_argument("--repeat", type=int, default=1,
@@ -438,8 +451,9 @@ def main(argv=None) -> int:
         groups += gpu_groups(name) if args.device == "cuda" else cpu_groups(name)
     no_device = args.device == "cuda" and not torch.cuda.is_available()
     env = environment(args.device)
-    command = "python -m benchmarks.report " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    where = env.get("gpu") or f"CPU, {env['threads']} threads"
+    command = ("python " + ("-m benchmarks.report" if __package__ else "benchmarks/report.py")
+               + "".join(" " + shlex.quote(a) for a in sys.argv[1:]))
+    where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
     print(f"# udat-kernels benchmark report\n\n`{command}` — {env['date']}, torch {env['torch']}, "
           f"{where}\n", flush=True)
     ceilings = {}
@@ -468,7 +482,7 @@ def main(argv=None) -> int:
         print(text, flush=True)
         md.append(text)
 
-    if args.device == "cpu" and not args.no_e2e:
+    if args.device == "cpu" and not args.no_e2e and set_names != "targets":
         text = end_to_end_section(quick="quick" in set_names.split(","))
         print(text, flush=True)
         md.append(text)
