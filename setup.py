@@ -104,8 +104,8 @@ def nvidia_include_dirs() -> list[str]:
     bare toolkit may lack and ATen's CUDA headers include."""
     dirs = []
     for site in sys.path:
-        dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
-        dirs += glob.glob(os.path.join(site, "nvidia", "*", "include"))
+        for pkg in ("cu*", "cublas", "cusparse", "cusolver", "curand", "cufft"):
+            dirs += glob.glob(os.path.join(site, "nvidia", pkg, "include"))
     return sorted({d for d in dirs if os.path.isdir(d)})
 
 

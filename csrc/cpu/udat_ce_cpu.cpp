@@ -22,7 +22,9 @@
 namespace udat {
 namespace {
 
-constexpr int64_t kDefaultBlockBytes = int64_t(64) << 20;
+// 128 MiB of logits: large enough that the grad-W GEMM runs on a few hundred rows at a time, small
+// enough that the forward peak (grad W + one block) stays under the backward one (two grad Ws).
+constexpr int64_t kDefaultBlockBytes = int64_t(128) << 20;
 
 // Bytes of logits a row block may hold; UDAT_CPU_BLOCK_BYTES overrides (tests use it to force
 // several blocks on small inputs).
