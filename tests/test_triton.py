@@ -6,6 +6,8 @@ second kernel, and the tiled large-C path (in several row chunks)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -160,6 +162,7 @@ def test_bf16_gradient_tiles(monkeypatch, reduction):
     _check(True, x, w, t, reduction=reduction)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0/0 = NaN
 @pytest.mark.parametrize("reduction,expected", [("mean", float("nan")), ("sum", 0.0)])
 def test_empty_and_fully_ignored(path, reduction, expected):
     for B in (0, 5):
@@ -249,3 +252,33 @@ def test_opcheck(normalize, compute_grad):
                 *args[7:15])
     torch.library.opcheck(ops.margin_ce_bwd_triton.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph():
+    x, w, t = _inputs(12, 16, 5, seed=1)
+    x.requires_grad_()
+    w.requires_grad_()
+
+    def f(x, w, t):
+        return ANGULAR(x, w, t, backend="triton", validate=False, grl_lambda=0.5)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(x, w, t)
+    want = f(x, w, t)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (x, w)), torch.autograd.grad(want, (x, w))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the tests above build every kernel")
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code the compiler rejects: build every kernel for sm_90."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "udat_kernels.triton_backend.aot", "--arch",
+                           "90"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
