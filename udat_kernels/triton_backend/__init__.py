@@ -1,9 +1,10 @@
 """The Triton backend: fused margin cross-entropy kernels run by Triton (SPEC §4).
 
 Read top-down: `_common` (margin math, shared jit helpers), `small_c` (the single-pass kernel for
-heads of a few classes), `tiled` (tl.dot tiles for 10^4..10^7 classes), `launch` (the op bodies),
-`registration` (the torch.library ops). `BACKEND` is what udat_kernels.dispatch asks whether it
-can serve a call. Importing this package never fails: without Triton, BACKEND says why.
+heads of up to 16 classes), `tiled` (tl.dot tiles, for larger heads up to 10^7 classes), `launch`
+(the op bodies), `registration` (the torch.library ops); `aot` builds every kernel for a GPU
+architecture without a GPU. `BACKEND` is what udat_kernels.dispatch asks whether it can serve a
+call. Importing this package never fails: without Triton, BACKEND says why.
 """
 
 from __future__ import annotations
