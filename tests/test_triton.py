@@ -244,10 +244,14 @@ def _op_args(normalize, compute_grad, B=9, D=10, C=5):
             0.5, 0.0, 0.1, -100, 1, False, compute_grad)
 
 
+@pytest.mark.parametrize("tiled_path", [False, True], ids=["small_c", "tiled"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["angular", "linear"])
 @pytest.mark.parametrize("compute_grad", [False, True], ids=["recompute", "grad_in_fwd"])
-def test_opcheck(normalize, compute_grad):
-    from udat_kernels import triton_backend  # noqa: F401  (registers the ops)
+def test_opcheck(normalize, compute_grad, tiled_path, monkeypatch):
+    from udat_kernels.triton_backend import small_c  # registers the ops
+
+    if tiled_path:
+        monkeypatch.setattr(small_c, "SMALL_C_MAX", 0)
 
     ops = torch.ops.udat_kernels
     args = _op_args(normalize, compute_grad)
