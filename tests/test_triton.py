@@ -213,24 +213,17 @@ def test_float64_raises_clearly():
         ANGULAR(x, w, t, backend="triton")
 
 
-def test_reasons_and_auto():
+def test_reasons_and_auto(monkeypatch):
     from udat_kernels import dispatch
     from udat_kernels.triton_backend import BACKEND
 
     x = torch.randn(4, 8)
     w = torch.randn(3, 8)
     assert dispatch.select("auto", x, w).name != "triton"  # never on CPU tensors
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        assert any("CUDA" in r for r in BACKEND.reasons(x, w))
-        with pytest.raises(RuntimeError, match="triton"):
-            ANGULAR(x, w, torch.zeros(4, dtype=torch.long), backend="triton")
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert any("CUDA" in r for r in BACKEND.reasons(x, w))
+    with pytest.raises(RuntimeError, match="triton"):
+        ANGULAR(x, w, torch.zeros(4, dtype=torch.long), backend="triton")
     assert BACKEND.grad_in_forward(64, 1024, 7) is False
     assert BACKEND.grad_in_forward(8192, 512, 100000) is True
 
