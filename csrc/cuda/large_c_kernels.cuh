@@ -84,6 +84,9 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   const A wsum = weight_sum(r);
   const A wy = t.valid ? class_w(r, t.y) : A(0);
   const RowCoef<A> rc = row_coef<A>(wy, wsum, r.smoothing, C);
+  // The target column, read by every thread before the gradient overwrites the row in place.
+  A c_y = A(0), z_y = A(0);
+  if (t.valid) z_y = logit(t.y, c_y);
 
   A lse;
   if (a.lse_in) {
@@ -102,8 +105,6 @@ __global__ void __launch_bounds__(kEpilogueThreads)
     if (threadIdx.x == 0) {
       A loss = A(0);
       if (t.valid) {
-        A c;
-        const A z_y = logit(t.y, c);
         loss = sample_w(r, i) * row_loss(rc, lse, z_y, wsum, wz);
       } else if (t.bad) {
         loss = A(NAN);
@@ -120,9 +121,8 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   }
   const A inv_div = a.gs.divisor_parts ? inv_divisor(div) : A(1);
   const A k = row_k(r, a.gs, t, i, inv_div);
-  A c_y = A(0);
-  if (r.normalize && t.valid) c_y = lrow[t.y] * inv_n * a.w_inv[t.y];
   const A dpsi = r.normalize && t.valid ? margin_dpsi(c_y, mp) : A(1);
+  __syncthreads();  // every read of the target column comes before the in-place writes
   G* grow = a.g_out + int64_t(blockIdx.x) * C;
   A tsum = A(0);
   for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
