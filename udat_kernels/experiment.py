@@ -107,9 +107,10 @@ def run_experiment(args) -> dict:
     started = time.perf_counter()
     source, target = load_domains(args)
     lambdas = LAMBDA_SWEEP if args.lambda_sweep else (args.lambda_max,)
+    shared = {k: v for k, v in config_from_args(args, "target", 0, 0.0).to_dict().items()
+              if k not in ("method", "seed", "lambda_max")}  # the settings all runs share
     results = {"source": args.source, "target": args.target, "seeds": list(args.seeds),
-               "config": {**config_from_args(args, "target", 0, 0.0).to_dict(),
-                          "methods": args.methods, "lambdas": list(lambdas)},
+               "config": {**shared, "methods": args.methods, "lambdas": list(lambdas)},
                "versions": _versions(), "commit": _commit(), "methods": {}}
     curves, run_dirs = {}, {}
     for method in args.methods:
