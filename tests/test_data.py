@@ -1,4 +1,4 @@
-"""Data loaders on small files written in the real layouts, the label mapping, the batch pipeline."""
+"""Data loaders on small files in the real layouts, the label mapping, the batch pipeline."""
 
 import gzip
 

@@ -1,4 +1,4 @@
-"""Drop-in modules over the fused losses: an ArcFace/CosFace loss, the GRL, and the domain classifier.
+"""Drop-in modules over the fused losses: an ArcFace/CosFace loss, the GRL, the domain classifier.
 
 - `AngularMarginLoss`: holds the class centres W (C, D); `forward(embeddings, labels)` is the fused
   angular-margin cross-entropy, `.logits(embeddings)` the s·cosine logits for prediction.
@@ -6,8 +6,9 @@
 - `DomainClassifier`: the paper's 3-FC domain classifier (ReversedLinear → ReLU → Linear → ReLU →
   angular or softmax head) returning the domain loss.
 
-Modules that take `lambda_` accept a number or a `udat_kernels.schedules.Schedule`; the trainer calls
-`set_progress(step, total_steps)` on them, and `last_lambda` is the λ the last forward applied.
+Modules that take `lambda_` accept a number or a `udat_kernels.schedules.Schedule`; the trainer
+calls `set_progress(step, total_steps)` on them, and `last_lambda` is the λ the last forward
+applied.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ def _pct(values) -> str:
     if not values:
         return "–"
     mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    n = len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0  # sample std
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 

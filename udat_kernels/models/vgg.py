@@ -157,7 +157,8 @@ class UDATVGG(nn.Module):
 def build_model(num_classes: int, preset: str = "vgg16", domain_head: str | None = None,
                 **overrides) -> UDATVGG:
     """A UDATVGG from a preset name with field overrides (width, input_size, batch_norm, ...);
-    the domain classifier's keyword arguments (domain_scale, domain_margin, lambda_) pass through."""
+    the domain classifier's keyword arguments (domain_scale, domain_margin, lambda_) pass
+    through."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model {preset!r}; choose from {', '.join(PRESETS)}")
     model_keys = {"domain_scale", "domain_margin", "lambda_"}

@@ -66,7 +66,8 @@ def config_from_args(args, method: str, seed: int, lambda_max: float) -> TrainCo
 
 def load_domains(args):
     """(source, target) Domains at the model's input size."""
-    size = build_model(2, args.model, width=args.width, input_size=args.input_size).config.input_size
+    size = build_model(2, args.model, width=args.width,
+                       input_size=args.input_size).config.input_size
     options = {"fer2013": {"test_usage": args.fer_test}}
     source = load_domain(args.source, args.source_root, size, **options.get(args.source, {}))
     target = load_domain(args.target, args.target_root, size, **options.get(args.target, {}))
