@@ -428,17 +428,26 @@ BwdResult backward_impl(const at::Tensor& grad_loss, const at::Tensor& x,
   return finish_grads(P, opt, weight, bias, out);
 }
 
+// The checks both ops share; the CPU kernels also check target range (a loop over B).
+at::Tensor checked_target(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+                          const OptTensor& bias, const OptTensor& class_weight,
+                          const OptTensor& sample_weight, const CeOptions& opt) {
+  check_inputs(x, weight, target, bias, class_weight, sample_weight, opt);
+  const at::Tensor tgt = target.contiguous();
+  check_targets(tgt, weight.size(0), opt.ignore_index);
+  return tgt;
+}
+
 FwdResult margin_ce_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& target, const OptTensor& bias,
                             const OptTensor& class_weight, const OptTensor& sample_weight,
-                            const OptTensor& grl_lambda, bool normalize, double scale, double margin, double cos_margin,
-                            double label_smoothing, int64_t ignore_index, int64_t reduction,
-                            bool straight_through, bool compute_grad) {
+                            const OptTensor& grl_lambda, bool normalize, double scale,
+                            double margin, double cos_margin, double label_smoothing,
+                            int64_t ignore_index, int64_t reduction, bool straight_through,
+                            bool compute_grad) {
   const CeOptions opt = make_options(normalize, scale, margin, cos_margin, label_smoothing,
                                      ignore_index, reduction, straight_through);
-  check_inputs(x, weight, target, bias, class_weight, sample_weight, opt);
-  const at::Tensor tgt = target.contiguous();
-  check_targets(tgt, weight.size(0), ignore_index);
+  const at::Tensor tgt = checked_target(x, weight, target, bias, class_weight, sample_weight, opt);
   if (loss_dtype(x, weight) == at::kDouble) {
     return forward_impl<double>(x, weight, tgt, bias, class_weight, sample_weight, grl_lambda,
                                 opt, compute_grad);
@@ -456,9 +465,7 @@ BwdResult margin_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x,
                             int64_t ignore_index, int64_t reduction, bool straight_through) {
   const CeOptions opt = make_options(normalize, scale, margin, cos_margin, label_smoothing,
                                      ignore_index, reduction, straight_through);
-  check_inputs(x, weight, target, bias, class_weight, sample_weight, opt);
-  const at::Tensor tgt = target.contiguous();
-  check_targets(tgt, weight.size(0), ignore_index);
+  const at::Tensor tgt = checked_target(x, weight, target, bias, class_weight, sample_weight, opt);
   if (loss_dtype(x, weight) == at::kDouble) {
     return backward_impl<double>(grad_loss, x, weight, tgt, bias, class_weight, sample_weight,
                                  lse, grl_lambda, opt);
