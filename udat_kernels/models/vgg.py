@@ -62,7 +62,7 @@ PRESETS = {
     "vgg16": VGGConfig(),
     "vgg16-bn": VGGConfig(batch_norm=True),
     # 1/8 of the conv widths, 32×32 input, BatchNorm (stable at a higher learning rate without
-    # pre-training) and 256-wide FC layers: about 6 M multiply-adds per image.
+    # pre-training) and 256-wide FC layers: about 5 M multiply-adds per image.
     "vgg16-compact": VGGConfig(width=0.125, input_size=32, batch_norm=True, fc=(256, 256, 128),
                                domain_hidden=(256, 256), dropout=0.25),
 }
