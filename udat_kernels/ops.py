@@ -123,11 +123,12 @@ if _C_loader.available():
     register_op_pair("udat_kernels::margin_ce_fwd", torch.ops.udat_kernels.margin_ce_bwd.default)
 
 
-def _as_lambda_tensor(grl_lambda, x):
-    """A float λ becomes a 0-dim tensor made on x's device (a fill, not a host copy)."""
+def _as_lambda_tensor(grl_lambda, x, weight):
+    """A float λ becomes a 0-dim tensor made on x's device (a fill, not a host copy), in the
+    accumulation dtype (float64 inputs keep λ exact)."""
     if grl_lambda is None or isinstance(grl_lambda, torch.Tensor):
         return grl_lambda
-    return torch.full((), float(grl_lambda), dtype=torch.float32, device=x.device)
+    return torch.full((), float(grl_lambda), dtype=_loss_dtype(x, weight), device=x.device)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -165,7 +166,7 @@ def _fused(x, weight, target, *, normalize, bias, class_weight, sample_weight, s
     compute_grad = (_needs_grad(x, weight, bias) and red != 0
                     and chosen.grad_in_forward(B, D, C))
     loss, _lse, _gx, _gw, _gb = chosen.fwd_op(
-        x, weight, target, bias, class_weight, sample_weight, _as_lambda_tensor(grl_lambda, x),
+        x, weight, target, bias, class_weight, sample_weight, _as_lambda_tensor(grl_lambda, x, weight),
         normalize, float(scale), float(margin), float(cos_margin), float(label_smoothing),
         int(ignore_index), red, margin_grad == "straight_through", compute_grad)
     return loss
