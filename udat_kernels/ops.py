@@ -165,9 +165,9 @@ def _fused(x, weight, target, *, normalize, bias, class_weight, sample_weight, s
     C = weight.shape[0]
     compute_grad = (_needs_grad(x, weight, bias) and red != 0
                     and chosen.grad_in_forward(B, D, C))
+    lam = _as_lambda_tensor(grl_lambda, x, weight)
     loss, _lse, _gx, _gw, _gb = chosen.fwd_op(
-        x, weight, target, bias, class_weight, sample_weight, _as_lambda_tensor(grl_lambda, x, weight),
-        normalize, float(scale), float(margin), float(cos_margin), float(label_smoothing),
+        x, weight, target, bias, class_weight, sample_weight, lam, normalize, float(scale), float(margin), float(cos_margin), float(label_smoothing),
         int(ignore_index), red, margin_grad == "straight_through", compute_grad)
     return loss
 
