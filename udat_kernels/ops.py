@@ -167,8 +167,9 @@ def _fused(x, weight, target, *, normalize, bias, class_weight, sample_weight, s
                     and chosen.grad_in_forward(B, D, C))
     lam = _as_lambda_tensor(grl_lambda, x, weight)
     loss, _lse, _gx, _gw, _gb = chosen.fwd_op(
-        x, weight, target, bias, class_weight, sample_weight, lam, normalize, float(scale), float(margin), float(cos_margin), float(label_smoothing),
-        int(ignore_index), red, margin_grad == "straight_through", compute_grad)
+        x, weight, target, bias, class_weight, sample_weight, lam, normalize, float(scale),
+        float(margin), float(cos_margin), float(label_smoothing), int(ignore_index), red,
+        margin_grad == "straight_through", compute_grad)
     return loss
 
 
