@@ -143,3 +143,52 @@ def check_against_reference(fn, x, weight, target, *, angular=True, bias=None,
         own = torch_own[i] if torch_own is not None else None
         assert_close_spec(a, b, *tol, names[i], torch_own=own)
     return out, ref
+
+
+# Keyword cases of the correctness matrix: "C"/"B" become random class/sample weights, "tensor"
+# a 0-dim λ on the test's device, "host" a 0-dim λ on the CPU; "_ignore" marks every third row
+# with ignore_index.
+KEYWORDS = {
+    "default": {},
+    "arcface_m0": {"margin": 0.0},
+    "cosface": {"margin": 0.0, "cos_margin": 0.35},
+    "both_margins": {"margin": 0.3, "cos_margin": 0.2},
+    "scale30": {"scale": 30.0},
+    "class_weight": {"class_weight": "C"},
+    "sample_weight": {"sample_weight": "B"},
+    "smoothing": {"label_smoothing": 0.1},
+    "smoothing_weights": {"label_smoothing": 0.2, "class_weight": "C", "sample_weight": "B"},
+    "ignore_index": {"ignore_index": 3, "_ignore": True},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "none_weighted": {"reduction": "none", "class_weight": "C", "label_smoothing": 0.05},
+    "grl_float": {"grl_lambda": 0.7},
+    "grl_tensor": {"grl_lambda": "tensor"},
+    "grl_host_tensor": {"grl_lambda": "host"},
+    "grl_none_reduction": {"grl_lambda": 0.3, "reduction": "none"},
+    "straight_through": {"margin_grad": "straight_through"},
+}
+ANGULAR_ONLY = ("margin", "cos_margin", "scale", "margin_grad")
+
+
+def materialize_keywords(case, B, C, angular, target, device="cpu"):
+    """The keyword arguments of a KEYWORDS case as tensors (ignored rows set in `target`)."""
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    for k, v in case.items():
+        if k == "_ignore":
+            target[::3] = case.get("ignore_index", -100)
+            continue
+        if v == "C":
+            v = (torch.rand(C, generator=g) + 0.2).to(device)
+        elif v == "B":
+            v = (torch.rand(B, generator=g) + 0.2).to(device)
+        elif v == "tensor":
+            v = torch.tensor(0.45, device=device)
+        elif v == "host":
+            v = torch.tensor(0.45)
+        out[k] = v
+    if not angular:
+        for k in ANGULAR_ONLY:
+            out.pop(k, None)
+    return out

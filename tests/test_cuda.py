@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import udat_kernels as uk
-from helpers import check_against_reference, make_inputs, run_loss
+from helpers import (KEYWORDS, check_against_reference, make_inputs, materialize_keywords,
+                     run_loss)
 
 ANGULAR = uk.angular_margin_cross_entropy
 LINEAR = uk.linear_cross_entropy
@@ -102,57 +103,13 @@ def test_linear_dtypes(path, x_dtype, w_dtype):
     _check(False, x, w, t, bias=bias)
 
 
-KEYWORDS = {
-    "default": {},
-    "arcface_m0": {"margin": 0.0},
-    "cosface": {"margin": 0.0, "cos_margin": 0.35},
-    "both_margins": {"margin": 0.3, "cos_margin": 0.2},
-    "scale30": {"scale": 30.0},
-    "class_weight": {"class_weight": "C"},
-    "sample_weight": {"sample_weight": "B"},
-    "smoothing": {"label_smoothing": 0.1},
-    "smoothing_weights": {"label_smoothing": 0.2, "class_weight": "C", "sample_weight": "B"},
-    "ignore_index": {"ignore_index": 3, "_ignore": True},
-    "sum": {"reduction": "sum"},
-    "none": {"reduction": "none"},
-    "none_weighted": {"reduction": "none", "class_weight": "C", "label_smoothing": 0.05},
-    "grl_float": {"grl_lambda": 0.7},
-    "grl_tensor": {"grl_lambda": "tensor"},
-    "grl_host_tensor": {"grl_lambda": "host"},
-    "grl_none_reduction": {"grl_lambda": 0.3, "reduction": "none"},
-    "straight_through": {"margin_grad": "straight_through"},
-}
-
-
-def _materialize(kwargs, B, C, angular, t):
-    g = torch.Generator().manual_seed(5)
-    out = {}
-    for k, v in kwargs.items():
-        if k == "_ignore":
-            t[::3] = kwargs.get("ignore_index", -100)
-            continue
-        if v == "C":
-            v = (torch.rand(C, generator=g) + 0.2).cuda()
-        elif v == "B":
-            v = (torch.rand(B, generator=g) + 0.2).cuda()
-        elif v == "tensor":
-            v = torch.tensor(0.45, device="cuda")
-        elif v == "host":
-            v = torch.tensor(0.45)
-        out[k] = v
-    if not angular:
-        for k in ("margin", "cos_margin", "scale", "margin_grad"):
-            out.pop(k, None)
-    return out
-
-
 @gpu
 @pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
 @pytest.mark.parametrize("name", list(KEYWORDS))
 @pytest.mark.parametrize("C", [7, 1000])
 def test_keywords(path, C, name, angular):
     x, w, t = _inputs(path, 40, C, seed=11)
-    kwargs = _materialize(KEYWORDS[name], path, C, angular, t)
+    kwargs = materialize_keywords(KEYWORDS[name], t.shape[0], C, angular, t, device="cuda")
     bias = None if angular else torch.randn(C, device="cuda")
     _check(angular, x, w, t, bias=bias, **kwargs)
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import udat_kernels as uk
-from helpers import (assert_close_spec, check_against_reference, make_inputs, run_loss,
-                     tolerance)
+from helpers import (KEYWORDS, assert_close_spec, check_against_reference, make_inputs,
+                     materialize_keywords, run_loss, tolerance)
 
 pytestmark = pytest.mark.skipif(not uk._C_loader.available(),
                                 reason=f"extension not built: {uk._C_loader.error()}")
@@ -60,53 +60,12 @@ def test_dtypes(B, D, C, x_dtype, w_dtype, angular):
     check_against_reference(fn(angular), x, w, t, angular=angular, bias=bias, backend="cpu")
 
 
-KEYWORDS = {
-    "default": {},
-    "arcface_m0": {"margin": 0.0},
-    "cosface": {"margin": 0.0, "cos_margin": 0.35},
-    "both_margins": {"margin": 0.3, "cos_margin": 0.2},
-    "scale30": {"scale": 30.0},
-    "class_weight": {"class_weight": "C"},
-    "sample_weight": {"sample_weight": "B"},
-    "smoothing": {"label_smoothing": 0.1},
-    "smoothing_weights": {"label_smoothing": 0.2, "class_weight": "C", "sample_weight": "B"},
-    "ignore_index": {"ignore_index": 3, "_ignore": True},
-    "sum": {"reduction": "sum"},
-    "none": {"reduction": "none"},
-    "none_weighted": {"reduction": "none", "class_weight": "C", "label_smoothing": 0.05},
-    "grl_float": {"grl_lambda": 0.7},
-    "grl_tensor": {"grl_lambda": "tensor"},
-    "grl_none_reduction": {"grl_lambda": 0.3, "reduction": "none"},
-    "straight_through": {"margin_grad": "straight_through"},
-}
-
-
-def _materialize(kwargs, B, C, angular, t):
-    g = torch.Generator().manual_seed(5)
-    out = {}
-    for k, v in kwargs.items():
-        if k == "_ignore":
-            t[::3] = kwargs.get("ignore_index", -100)
-            continue
-        if v == "C":
-            v = torch.rand(C, generator=g) + 0.2
-        elif v == "B":
-            v = torch.rand(B, generator=g) + 0.2
-        elif v == "tensor":
-            v = torch.tensor(0.45)
-        out[k] = v
-    if not angular:
-        for k in ("margin", "cos_margin", "scale", "margin_grad"):
-            out.pop(k, None)
-    return out
-
-
 @pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
 @pytest.mark.parametrize("name", list(KEYWORDS))
 @pytest.mark.parametrize("B,D,C", [(17, 130, 7), (64, 3, 1000)])
 def test_keywords(B, D, C, name, angular):
     x, w, t = make_inputs(B, D, C, seed=11)
-    kwargs = _materialize(KEYWORDS[name], B, C, angular, t)
+    kwargs = materialize_keywords(KEYWORDS[name], B, C, angular, t)
     bias = None if angular else torch.randn(C)
     check_against_reference(fn(angular), x, w, t, angular=angular, bias=bias, backend="cpu",
                             **kwargs)
