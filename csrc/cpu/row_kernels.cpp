@@ -1,15 +1,19 @@
-// Vectorized row loops of the CPU epilogue (see row_kernels.h). The loops are written with
-// fixed-width lane arrays so that the compiler vectorizes them without -ffast-math (which would
-// break NaN propagation), and exp is a polynomial the compiler can vectorize, unlike std::exp.
+// Vectorized row loops of the CPU epilogue (see row_kernels.h), written with GCC vector types so
+// that they vectorize without -ffast-math (which would break NaN propagation), with exp as a
+// polynomial on those vectors.
 #include "row_kernels.h"
 
-#include <bit>
-#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
+// v8f values only cross inlined helpers of this file, so the ABI of passing them does not matter.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// Two builds of every loop: AVX2 and the baseline x86-64 ISA, picked by CPU features when the
+// library loads (function multi-versioning keyed on "avx2", not on a CPU model).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define UDAT_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#define UDAT_MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define UDAT_MULTIVERSION
 #endif
@@ -18,31 +22,54 @@ namespace udat {
 namespace cpu {
 namespace {
 
-constexpr int kLanes = 16;
-// Lane sums are flushed into a double every kFlush elements: float partial sums of at most
-// kFlush / kLanes terms keep float32 rounding far below the test tolerance at any C.
+// Eight floats as one GCC vector: the compiler emits one AVX register or two SSE ones, and the
+// lane-wise selects below keep IEEE semantics (no -ffast-math, NaN propagates).
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+constexpr int64_t kW = 8;
+// Vector sums are flushed into a double every kFlush elements: float partial sums of at most
+// kFlush / kW terms keep rounding far below the test tolerance at any C.
 constexpr int64_t kFlush = 1024;
+
+inline v8f load(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline v8f splat(float a) { return v8f{} + a; }
+inline double hsum(v8f v) {
+  double s = 0;
+  for (int l = 0; l < kW; ++l) s += v[l];
+  return s;
+}
 
 // exp(x) for x <= 88 to about 2 ulp (Cephes' expf): 2^n · p(r), r = x - n·ln2, |r| <= ln2/2.
 // Inputs below -87.3 give 2^-126 instead of a denormal or 0, negligible beside the sum's >= 1
 // term; NaN stays NaN (both clamps compare false).
-inline float exp_poly(float x) {
-  float xc = x < -87.3f ? -87.3f : x;
-  xc = xc > 88.0f ? 88.0f : xc;
-  // Round to nearest by the 1.5·2^23 trick: vectorizes without SSE4.1's roundps.
-  const float magic = 12582912.0f;
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  float r = xc - n * 0.693359375f;
+inline v8f exp_poly(v8f x) {
+  const v8f lo = splat(-87.3f), hi = splat(88.0f);
+  v8f xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  // Round to nearest by the 1.5·2^23 trick (no SSE4.1 roundps needed).
+  const v8f magic = splat(12582912.0f);
+  const v8f n = (xc * 1.44269504088896341f + magic) - magic;
+  v8f r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  v8f p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t e = static_cast<int32_t>(n) + 127;
-  return p * std::bit_cast<float>(static_cast<uint32_t>(e) << 23);
+  const v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
+  return p * (v8f)e;  // a vector cast reinterprets the bits
+}
+
+inline float exp_poly(float x) {
+  v8f v = splat(x);
+  return exp_poly(v)[0];
 }
 
 }  // namespace
@@ -59,29 +86,28 @@ void scale_bias(float* z, int64_t n, const float* col_scale, const float* bias) 
 
 UDAT_MULTIVERSION
 float row_max(const float* z, int64_t n) {
-  float lanes[kLanes];
-  for (int l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<float>::infinity();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  v8f m = splat(ninf);
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] = z[j + l] > lanes[l] ? z[j + l] : lanes[l];
+  for (; j + kW <= n; j += kW) {
+    const v8f v = load(z + j);
+    m = v > m ? v : m;
   }
-  float m = -std::numeric_limits<float>::infinity();
-  for (; j < n; ++j) m = z[j] > m ? z[j] : m;
-  for (int l = 0; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
-  return m;
+  float out = ninf;
+  for (int l = 0; l < kW; ++l) out = m[l] > out ? m[l] : out;
+  for (; j < n; ++j) out = z[j] > out ? z[j] : out;
+  return out;
 }
 
 UDAT_MULTIVERSION
 double exp_sum(const float* z, int64_t n, float shift) {
   double total = 0;
   int64_t j = 0;
-  while (j + kLanes <= n) {
-    float lanes[kLanes] = {};
+  while (j + kW <= n) {
+    v8f acc{};
     const int64_t stop = j + kFlush < n ? j + kFlush : n;
-    for (; j + kLanes <= stop; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) lanes[l] += exp_poly(z[j + l] - shift);
-    }
-    for (int l = 0; l < kLanes; ++l) total += lanes[l];
+    for (; j + kW <= stop; j += kW) acc += exp_poly(load(z + j) - shift);
+    total += hsum(acc);
   }
   for (; j < n; ++j) total += exp_poly(z[j] - shift);
   return total;
@@ -91,13 +117,11 @@ UDAT_MULTIVERSION
 double weighted_sum(const float* z, int64_t n, const float* w) {
   double total = 0;
   int64_t j = 0;
-  while (j + kLanes <= n) {
-    float lanes[kLanes] = {};
+  while (j + kW <= n) {
+    v8f acc{};
     const int64_t stop = j + kFlush < n ? j + kFlush : n;
-    for (; j + kLanes <= stop; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) lanes[l] += (w ? w[j + l] : 1.0f) * z[j + l];
-    }
-    for (int l = 0; l < kLanes; ++l) total += lanes[l];
+    for (; j + kW <= stop; j += kW) acc += (w ? load(w + j) : splat(1.0f)) * load(z + j);
+    total += hsum(acc);
   }
   for (; j < n; ++j) total += double(w ? w[j] : 1.0f) * z[j];
   return total;
@@ -106,14 +130,15 @@ double weighted_sum(const float* z, int64_t n, const float* w) {
 UDAT_MULTIVERSION
 void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const float* w,
                   const float* col_scale) {
-  if (w && col_scale) {
-    for (int64_t j = 0; j < n; ++j) z[j] = (kp * exp_poly(z[j] - lse) - kb * w[j]) * col_scale[j];
-  } else if (col_scale) {
-    for (int64_t j = 0; j < n; ++j) z[j] = (kp * exp_poly(z[j] - lse) - kb) * col_scale[j];
-  } else if (w) {
-    for (int64_t j = 0; j < n; ++j) z[j] = kp * exp_poly(z[j] - lse) - kb * w[j];
-  } else {
-    for (int64_t j = 0; j < n; ++j) z[j] = kp * exp_poly(z[j] - lse) - kb;
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    v8f g = kp * exp_poly(load(z + j) - lse) - kb * (w ? load(w + j) : splat(1.0f));
+    if (col_scale) g *= load(col_scale + j);
+    store(z + j, g);
+  }
+  for (; j < n; ++j) {
+    const float g = kp * exp_poly(z[j] - lse) - kb * (w ? w[j] : 1.0f);
+    z[j] = col_scale ? g * col_scale[j] : g;
   }
 }
 

@@ -1,8 +1,8 @@
 // Vectorized loops over one row of float32 logits: the inner loops of the CPU epilogue.
 //
-// They live in their own translation unit, compiled for AVX2+FMA and for the baseline x86-64 ISA
-// with the right one picked when the library loads (function multi-versioning), so that one
-// binary is fast on current CPUs and still runs on old ones. float64 rows use the plain loops of
+// They live in their own translation unit, compiled for AVX2 and for the baseline x86-64 ISA with
+// the right one picked when the library loads (function multi-versioning), so that one binary is
+// fast on current CPUs and still runs on old ones. float64 rows use the plain loops of
 // udat_ce_cpu.cpp.
 #pragma once
 
