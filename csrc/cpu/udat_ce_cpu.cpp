@@ -22,9 +22,10 @@
 namespace udat {
 namespace {
 
-// 128 MiB of logits: large enough that the grad-W GEMM runs on a few hundred rows at a time, small
-// enough that the forward peak (grad W + one block) stays under the backward one (two grad Ws).
-constexpr int64_t kDefaultBlockBytes = int64_t(128) << 20;
+// 256 MiB of logits: few, large blocks keep the grad-W GEMM efficient (each block re-reads and
+// re-writes the (C, D) accumulator), while the forward's peak (grad W + one block) stays near
+// the backward's (the saved grad W + its rescaled copy) for face-recognition heads.
+constexpr int64_t kDefaultBlockBytes = int64_t(256) << 20;
 
 // Bytes of logits a row block may hold; UDAT_CPU_BLOCK_BYTES overrides (tests use it to force
 // several blocks on small inputs).
@@ -286,8 +287,12 @@ void run_blocks(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
   const auto st = c10::CppTypeToScalarType<T>::value;
   const MarginParams<T> mp = cast_params<T>(
       make_margin_params(opt.scale, opt.margin, opt.cos_margin, opt.straight_through));
-  const int64_t rows = std::max<int64_t>(
+  // As many rows as the budget allows, spread evenly over the blocks: a small last block would
+  // run the GEMMs at a poor shape.
+  const int64_t max_rows = std::max<int64_t>(
       1, std::min<int64_t>(P.B, block_bytes() / std::max<int64_t>(1, P.C * int64_t(sizeof(T)))));
+  const int64_t blocks = P.B > 0 ? (P.B + max_rows - 1) / max_rows : 1;
+  const int64_t rows = std::max<int64_t>(1, (P.B + blocks - 1) / blocks);
   at::Tensor buf = at::empty({rows, P.C}, P.xa.options().dtype(st));
   const bool grad_x_direct = out.k && out.grad_x.scalar_type() == st;
   at::Tensor gx_buf;
