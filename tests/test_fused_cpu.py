@@ -164,3 +164,18 @@ def test_angular_logits():
     ref = 30.0 * F.normalize(x.double()) @ F.normalize(w.double()).t()
     assert got.dtype == torch.float32
     assert_close_spec(got, ref, *tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("small_c_limit", ["16", "0"], ids=["small_pass", "row_blocks"])
+@pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
+@pytest.mark.parametrize("B,D,C", [(1, 7, 1), (33, 130, 2), (300, 64, 7), (17, 9, 16), (5, 16, 17)])
+def test_small_heads_on_both_paths(monkeypatch, small_c_limit, angular, B, D, C):
+    """Heads of up to 16 classes take the small-C pass; the same inputs through the row blocks
+    (UDAT_CPU_SMALL_C=0) must agree with the reference too."""
+    monkeypatch.setenv("UDAT_CPU_SMALL_C", small_c_limit)
+    x, w, t = make_inputs(B, D, C, seed=B + C, ignore_rows=(0,))
+    bias = None if angular else torch.randn(C)
+    for kwargs in ({}, {"reduction": "none", "grl_lambda": 0.5, "label_smoothing": 0.1,
+                        "class_weight": torch.rand(C) + 0.5, "sample_weight": torch.rand(B)}):
+        check_against_reference(fn(angular), x, w, t, angular=angular, bias=bias,
+                                backend="cpu", **kwargs)

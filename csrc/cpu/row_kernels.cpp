@@ -128,6 +128,20 @@ double weighted_sum(const float* z, int64_t n, const float* w) {
 }
 
 UDAT_MULTIVERSION
+double dot(const float* a, const float* b, int64_t n) {
+  double total = 0;
+  int64_t j = 0;
+  while (j + kW <= n) {
+    v8f acc{};
+    const int64_t stop = j + kFlush < n ? j + kFlush : n;
+    for (; j + kW <= stop; j += kW) acc += load(a + j) * load(b + j);
+    total += hsum(acc);
+  }
+  for (; j < n; ++j) total += double(a[j]) * b[j];
+  return total;
+}
+
+UDAT_MULTIVERSION
 void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const float* w,
                   const float* col_scale) {
   int64_t j = 0;

@@ -29,5 +29,8 @@ double weighted_sum(const float* z, int64_t n, const float* w);
 void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const float* w,
                   const float* col_scale);
 
+// Σ_j a[j] b[j], accumulated in double.
+double dot(const float* a, const float* b, int64_t n);
+
 }  // namespace cpu
 }  // namespace udat

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <vector>
 
 #include "../udat_ce.h"
 #include "row_kernels.h"
@@ -37,6 +38,15 @@ int64_t block_bytes() {
   return kDefaultBlockBytes;
 }
 
+// Heads of at most this many classes take the small-C pass (no GEMMs, no per-op overhead);
+// UDAT_CPU_SMALL_C overrides it (tests set 0 to run small heads through the row blocks).
+constexpr int64_t kDefaultSmallC = 16;
+
+int64_t small_c_limit() {
+  if (const char* env = std::getenv("UDAT_CPU_SMALL_C")) return std::atoll(env);
+  return kDefaultSmallC;
+}
+
 void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
   const int64_t* t = target.data_ptr<int64_t>();
   for (int64_t i = 0; i < target.numel(); ++i) {
@@ -46,11 +56,68 @@ void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
   }
 }
 
+// Loops over one row of logits. float rows take the vectorized kernels of row_kernels.cpp; the
+// templates serve float64.
+template <typename T>
+void scale_bias(T* z, int64_t n, const T* col_scale, const T* bias) {
+  if (col_scale) for (int64_t j = 0; j < n; ++j) z[j] *= col_scale[j];
+  if (bias) for (int64_t j = 0; j < n; ++j) z[j] += bias[j];
+}
+void scale_bias(float* z, int64_t n, const float* col_scale, const float* bias) {
+  cpu::scale_bias(z, n, col_scale, bias);
+}
+
+template <typename T>
+T row_max(const T* z, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
+  return m;
+}
+float row_max(const float* z, int64_t n) { return cpu::row_max(z, n); }
+
+template <typename T>
+double exp_sum(const T* z, int64_t n, T shift) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += std::exp(z[j] - shift);
+  return sum;
+}
+double exp_sum(const float* z, int64_t n, float shift) { return cpu::exp_sum(z, n, shift); }
+
+template <typename T>
+double dot(const T* a, const T* b, int64_t n) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += double(a[j]) * b[j];
+  return sum;
+}
+double dot(const float* a, const float* b, int64_t n) { return cpu::dot(a, b, n); }
+
+template <typename T>
+double weighted_sum(const T* z, int64_t n, const T* w) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (w ? w[j] : T(1)) * z[j];
+  return sum;
+}
+double weighted_sum(const float* z, int64_t n, const float* w) {
+  return cpu::weighted_sum(z, n, w);
+}
+
+template <typename T>
+void softmax_grad(T* z, int64_t n, T lse, T kp, T kb, const T* w, const T* col_scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    z[j] = (kp * std::exp(z[j] - lse) - kb * (w ? w[j] : T(1))) * (col_scale ? col_scale[j] : T(1));
+  }
+}
+void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const float* w,
+                  const float* col_scale) {
+  cpu::softmax_grad(z, n, lse, kp, kb, w, col_scale);
+}
+
 // The inputs in the accumulation type T, with the per-row and per-class quantities both passes
 // need. Built once per op call.
 template <typename T>
 struct Problem {
   int64_t B, C, D;
+  bool small;        // the small-C pass: x̂ is formed row by row, feats stays undefined
   at::Tensor xa;     // (B, D) x in T
   at::Tensor feats;  // (B, D) the left GEMM operand: x̂ (angular) or x (linear)
   at::Tensor wa;     // (C, D) weight in T
@@ -78,7 +145,20 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
   P.D = x.size(1);
   P.xa = x.to(st).contiguous();
   P.wa = weight.to(st).contiguous();
-  if (opt.normalize) {
+  P.small = P.C <= small_c_limit();
+  if (opt.normalize && P.small) {
+    // A few class centres: their norms by loops, not by a handful of tiny ATen ops.
+    P.w_norm = at::empty({P.C}, P.wa.options());
+    P.w_inv = at::empty({P.C}, P.wa.options());
+    P.col_scale = at::empty({P.C}, P.wa.options());
+    const T* w = P.wa.template data_ptr<T>();
+    for (int64_t j = 0; j < P.C; ++j) {
+      const T n = std::sqrt(T(dot(w + j * P.D, w + j * P.D, P.D)));
+      P.w_norm.template data_ptr<T>()[j] = n;
+      P.w_inv.template data_ptr<T>()[j] = T(1) / std::max(n, T(kNormEps));
+      P.col_scale.template data_ptr<T>()[j] = T(opt.scale) / std::max(n, T(kNormEps));
+    }
+  } else if (opt.normalize) {
     // Norm reductions, not pow(2).sum(): no (C, D) temporary.
     P.x_norm = at::linalg_vector_norm(P.xa, 2, {1});
     P.w_norm = at::linalg_vector_norm(P.wa, 2, {1});
@@ -88,7 +168,7 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
     // Divide rather than multiply by the reciprocal: a row parallel to a class centre then
     // gives a cosine of exactly ±1, where ψ is ill-conditioned (sqrt(1 - c²)).
     P.feats = P.xa / P.x_norm.clamp_min(kNormEps).unsqueeze(1);
-  } else {
+  } else if (!P.small) {
     P.feats = P.xa;
   }
   if (class_weight) P.cw = class_weight->to(st).contiguous();
@@ -120,54 +200,6 @@ struct PassOut {
   at::Tensor grad_w_acc;      // (C, D) in T, accumulated
   at::Tensor grad_b_acc;      // (C,) in T, accumulated
 };
-
-// Loops over one row of logits. float rows take the vectorized kernels of row_kernels.cpp; the
-// templates serve float64.
-template <typename T>
-void scale_bias(T* z, int64_t n, const T* col_scale, const T* bias) {
-  if (col_scale) for (int64_t j = 0; j < n; ++j) z[j] *= col_scale[j];
-  if (bias) for (int64_t j = 0; j < n; ++j) z[j] += bias[j];
-}
-void scale_bias(float* z, int64_t n, const float* col_scale, const float* bias) {
-  cpu::scale_bias(z, n, col_scale, bias);
-}
-
-template <typename T>
-T row_max(const T* z, int64_t n) {
-  T m = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
-  return m;
-}
-float row_max(const float* z, int64_t n) { return cpu::row_max(z, n); }
-
-template <typename T>
-double exp_sum(const T* z, int64_t n, T shift) {
-  double sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += std::exp(z[j] - shift);
-  return sum;
-}
-double exp_sum(const float* z, int64_t n, float shift) { return cpu::exp_sum(z, n, shift); }
-
-template <typename T>
-double weighted_sum(const T* z, int64_t n, const T* w) {
-  double sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += (w ? w[j] : T(1)) * z[j];
-  return sum;
-}
-double weighted_sum(const float* z, int64_t n, const float* w) {
-  return cpu::weighted_sum(z, n, w);
-}
-
-template <typename T>
-void softmax_grad(T* z, int64_t n, T lse, T kp, T kb, const T* w, const T* col_scale) {
-  for (int64_t j = 0; j < n; ++j) {
-    z[j] = (kp * std::exp(z[j] - lse) - kb * (w ? w[j] : T(1))) * (col_scale ? col_scale[j] : T(1));
-  }
-}
-void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const float* w,
-                  const float* col_scale) {
-  cpu::softmax_grad(z, n, lse, kp, kb, w, col_scale);
-}
 
 // The fused epilogue of one row: logits -> (loss, lse) and, with k, the logit gradient in place.
 template <typename T>
@@ -280,6 +312,87 @@ void finish_grad_w(const Problem<T>& P, const CeOptions& opt, at::Tensor acc) {
   });
 }
 
+// The pass for heads of a few classes: the rows are split into a fixed number of chunks (so the
+// result does not depend on the thread count), each row's logits are dot products with the C
+// class centres, and each chunk sums its share of grad W; the chunks' sums are then added in
+// order. No GEMM and no (B, D) temporary: at these sizes per-op overhead dominates.
+// At least 16 chunks, and at most 256 rows a chunk, so that float partial sums stay short.
+constexpr int64_t kSmallChunks = 16;
+constexpr int64_t kSmallChunkRows = 256;
+
+template <typename T>
+void small_pass(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out) {
+  const int64_t B = P.B, C = P.C, D = P.D;
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  const MarginParams<T> mp = cast_params<T>(
+      make_margin_params(opt.scale, opt.margin, opt.cos_margin, opt.straight_through));
+  const T* x = P.xa.template data_ptr<T>();
+  const T* w = P.wa.template data_ptr<T>();
+  const int64_t chunks =
+      std::min<int64_t>(B, std::max<int64_t>(kSmallChunks, (B + kSmallChunkRows - 1) / kSmallChunkRows));
+  const bool grads = out.k != nullptr;
+  const bool grad_x_direct = grads && out.grad_x.scalar_type() == st;
+  at::Tensor gx_t = grads && !grad_x_direct ? at::empty({B, D}, P.xa.options()) : at::Tensor();
+  T* gx_all = grads ? (grad_x_direct ? out.grad_x.template data_ptr<T>()
+                                     : gx_t.template data_ptr<T>())
+                    : nullptr;
+  // Per chunk: its share of G'ᵀ x̂ (C·D) and of the bias gradient (C).
+  std::vector<T> partial(grads ? chunks * (C * D + C) : 0, T(0));
+
+  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<T> z(C), xh(opt.normalize ? D : 0);
+    for (int64_t ch = lo; ch < hi; ++ch) {
+      T* gw = grads ? partial.data() + ch * (C * D + C) : nullptr;
+      for (int64_t i = ch * B / chunks; i < (ch + 1) * B / chunks; ++i) {
+        const T* xi = x + i * D;
+        const T* feats = xi;
+        T xn = 0;
+        if (opt.normalize) {
+          xn = std::sqrt(T(dot(xi, xi, D)));
+          const T d = std::max(xn, T(kNormEps));
+          for (int64_t k = 0; k < D; ++k) xh[k] = xi[k] / d;  // division: exact ±1 cosines
+          feats = xh.data();
+        }
+        for (int64_t j = 0; j < C; ++j) z[j] = T(dot(feats, w + j * D, D));
+        row_epilogue(P, opt, mp, out, i, z.data());
+        if (!grads) continue;
+        // z now holds G'_ij: grad x̂_i = Σ_j G'_ij W_j, grad W += G'ᵀ x̂.
+        T* gx = gx_all + i * D;
+        std::fill(gx, gx + D, T(0));
+        for (int64_t j = 0; j < C; ++j) {
+          const T g = z[j];
+          const T* wj = w + j * D;
+          T* gwj = gw + j * D;
+          for (int64_t k = 0; k < D; ++k) {
+            gx[k] += g * wj[k];
+            gwj[k] += g * feats[k];
+          }
+          gw[C * D + j] += g;
+        }
+        if (opt.normalize) {
+          const T f = out.x_scale / std::max(xn, T(kNormEps));
+          const T proj = xn >= T(kNormEps) ? T(dot(gx, feats, D)) : T(0);
+          for (int64_t k = 0; k < D; ++k) gx[k] = (gx[k] - proj * feats[k]) * f;
+        } else if (out.x_scale != T(1)) {
+          for (int64_t k = 0; k < D; ++k) gx[k] *= out.x_scale;
+        }
+      }
+    }
+  });
+  if (!grads) return;
+  if (!grad_x_direct) out.grad_x.copy_(gx_t);
+  T* gw = out.grad_w_acc.template data_ptr<T>();
+  T* gb = out.grad_b_acc.defined() ? out.grad_b_acc.template data_ptr<T>() : nullptr;
+  std::fill(gw, gw + C * D, T(0));
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const T* part = partial.data() + ch * (C * D + C);
+    for (int64_t e = 0; e < C * D; ++e) gw[e] += part[e];
+    if (gb) {
+      for (int64_t j = 0; j < C; ++j) gb[j] += part[C * D + j];
+    }
+  }
+}
+
 // One pass over all row blocks: logits GEMM, fused epilogue, and (with out.k) the two gradient
 // GEMMs.
 template <typename T>
@@ -383,7 +496,7 @@ FwdResult forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::
     out.x_scale = grl_scale<T>(grl_lambda);
     alloc_grads(P, x, weight, bias, out);
   }
-  run_blocks(P, opt, out);
+  P.small ? small_pass(P, opt, out) : run_blocks(P, opt, out);
 
   at::Tensor loss;
   if (opt.reduction == Reduction::None) {
@@ -429,7 +542,7 @@ BwdResult backward_impl(const at::Tensor& grad_loss, const at::Tensor& x,
   out.k = k.data_ptr<T>();
   out.x_scale = grl_scale<T>(grl_lambda);
   alloc_grads(P, x, weight, bias, out);
-  run_blocks(P, opt, out);
+  P.small ? small_pass(P, opt, out) : run_blocks(P, opt, out);
   return finish_grads(P, opt, weight, bias, out);
 }
 
