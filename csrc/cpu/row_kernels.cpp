@@ -142,6 +142,14 @@ double dot(const float* a, const float* b, int64_t n) {
 }
 
 UDAT_MULTIVERSION
+void axpy2(float a, const float* x1, float* y1, const float* x2, float* y2, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    y1[j] += a * x1[j];
+    y2[j] += a * x2[j];
+  }
+}
+
+UDAT_MULTIVERSION
 void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const float* w,
                   const float* col_scale) {
   int64_t j = 0;

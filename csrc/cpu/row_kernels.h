@@ -32,5 +32,8 @@ void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const floa
 // Σ_j a[j] b[j], accumulated in double.
 double dot(const float* a, const float* b, int64_t n);
 
+// y1 += a·x1 and y2 += a·x2 over n elements (one row's share of two gradient products).
+void axpy2(float a, const float* x1, float* y1, const float* x2, float* y2, int64_t n);
+
 }  // namespace cpu
 }  // namespace udat

@@ -92,6 +92,17 @@ double dot(const T* a, const T* b, int64_t n) {
 double dot(const float* a, const float* b, int64_t n) { return cpu::dot(a, b, n); }
 
 template <typename T>
+void axpy2(T a, const T* x1, T* y1, const T* x2, T* y2, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    y1[j] += a * x1[j];
+    y2[j] += a * x2[j];
+  }
+}
+void axpy2(float a, const float* x1, float* y1, const float* x2, float* y2, int64_t n) {
+  cpu::axpy2(a, x1, y1, x2, y2, n);
+}
+
+template <typename T>
 double weighted_sum(const T* z, int64_t n, const T* w) {
   double sum = 0;
   for (int64_t j = 0; j < n; ++j) sum += (w ? w[j] : T(1)) * z[j];
@@ -360,14 +371,8 @@ void small_pass(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
         T* gx = gx_all + i * D;
         std::fill(gx, gx + D, T(0));
         for (int64_t j = 0; j < C; ++j) {
-          const T g = z[j];
-          const T* wj = w + j * D;
-          T* gwj = gw + j * D;
-          for (int64_t k = 0; k < D; ++k) {
-            gx[k] += g * wj[k];
-            gwj[k] += g * feats[k];
-          }
-          gw[C * D + j] += g;
+          axpy2(z[j], w + j * D, gx, feats, gw + j * D, D);
+          gw[C * D + j] += z[j];
         }
         if (opt.normalize) {
           const T f = out.x_scale / std::max(xn, T(kNormEps));
