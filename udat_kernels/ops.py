@@ -65,6 +65,58 @@ def _once_differentiable(grads):
     return tuple(grads)
 
 
+def _save_for_loss_backward(ctx, inputs, output):
+    """What the backward needs: the forward's gradients, or the inputs to recompute them."""
+    args = dict(zip(_FWD_ARGS, inputs))
+    _, lse, grad_x, grad_w, grad_b = output
+    ctx.compute_grad = args["compute_grad"]
+    ctx.has_bias = args["bias"] is not None
+    ctx.scalars = tuple(args[k] for k in ("normalize", "scale", "margin", "cos_margin",
+                                          "label_smoothing", "ignore_index", "reduction",
+                                          "straight_through"))
+    if ctx.compute_grad:
+        ctx.save_for_backward(grad_x, grad_w, grad_b)
+    else:
+        ctx.save_for_backward(args["x"], args["weight"], args["target"], args["bias"],
+                              args["class_weight"], args["sample_weight"], lse,
+                              args["grl_lambda"])
+
+
+def _loss_backward(ctx, bwd_op, grad_loss):
+    """(grad x, grad weight, grad bias or None) for the upstream gradient of the loss."""
+    if ctx.compute_grad:
+        # The gradient was formed in the forward for an upstream gradient of one: rescale into
+        # new tensors, leaving the saved ones as they are (retain_graph stays correct).
+        gx, gw, gb = ctx.saved_tensors
+        g = grad_loss.to(gx.dtype)
+        grad_x, grad_w = gx * g, gw * g.to(gw.dtype)
+        grad_b = gb * g.to(gb.dtype) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+    x, weight, target, bias, cw, sw, lse, lam = ctx.saved_tensors
+    grad_x, grad_w, grad_b = bwd_op(grad_loss, x, weight, target, bias, cw, sw, lse, lam,
+                                    *ctx.scalars)
+    return grad_x, grad_w, (grad_b if ctx.has_bias else None)
+
+
+class _FusedLoss(torch.autograd.Function):
+    """The same autograd formula as the registered one, for eager calls: an autograd.Function
+    costs a fraction of the registered op's Python autograd wrapper, which dominates small heads.
+    (torch.compile and direct op calls use the registered formula.)"""
+
+    @staticmethod
+    def forward(ctx, fwd_op, bwd_op, *inputs):
+        output = fwd_op(*inputs)
+        ctx.bwd_op = bwd_op
+        _save_for_loss_backward(ctx, inputs, output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, grad_b = _loss_backward(ctx, ctx.bwd_op, grad_loss)
+        grads = (None, None, grad_x, grad_w, None, grad_b) + (None,) * (len(_FWD_ARGS) - 4)
+        return _once_differentiable(grads)
+
+
 def register_op_pair(fwd_name: str, bwd_op) -> None:
     """Register fake implementations and the autograd formula of a (forward, backward) op pair.
 
@@ -82,33 +134,12 @@ def register_op_pair(fwd_name: str, bwd_op) -> None:
         # (C, D) tensor for grad_w's gradient on every call.
         ctx.mark_non_differentiable(lse, grad_x, grad_w, grad_b)
         ctx.set_materialize_grads(False)
-        ctx.compute_grad = args["compute_grad"]
-        ctx.has_bias = args["bias"] is not None
-        ctx.scalars = tuple(args[k] for k in ("normalize", "scale", "margin", "cos_margin",
-                                              "label_smoothing", "ignore_index", "reduction",
-                                              "straight_through"))
-        if ctx.compute_grad:
-            ctx.save_for_backward(grad_x, grad_w, grad_b)
-        else:
-            ctx.save_for_backward(args["x"], args["weight"], args["target"], args["bias"],
-                                  args["class_weight"], args["sample_weight"], lse,
-                                  args["grl_lambda"])
+        _save_for_loss_backward(ctx, inputs, output)
 
     def backward(ctx, grad_loss, _grad_lse, _grad_gx, _grad_gw, _grad_gb):
         if grad_loss is None:  # grads are not materialized: nothing flows into the loss
             return (None,) * len(_FWD_ARGS)
-        if ctx.compute_grad:
-            # The gradient was formed in the forward for an upstream gradient of one: rescale
-            # into new tensors, leaving the saved ones as they are (retain_graph stays correct).
-            gx, gw, gb = ctx.saved_tensors
-            g = grad_loss.to(gx.dtype)
-            grad_x, grad_w = gx * g, gw * g.to(gw.dtype)
-            grad_b = gb * g.to(gb.dtype) if ctx.has_bias else None
-        else:
-            x, weight, target, bias, cw, sw, lse, lam = ctx.saved_tensors
-            grad_x, grad_w, grad_b = bwd_op(grad_loss, x, weight, target, bias, cw, sw, lse, lam,
-                                            *ctx.scalars)
-            grad_b = grad_b if ctx.has_bias else None
+        grad_x, grad_w, grad_b = _loss_backward(ctx, bwd_op, grad_loss)
         grads = (grad_x, grad_w, None, grad_b) + (None,) * (len(_FWD_ARGS) - 4)
         return _once_differentiable(grads)
 
@@ -166,11 +197,12 @@ def _fused(x, weight, target, *, normalize, bias, class_weight, sample_weight, s
     compute_grad = (_needs_grad(x, weight, bias) and red != 0
                     and chosen.grad_in_forward(B, D, C))
     lam = _as_lambda_tensor(grl_lambda, x, weight)
-    loss, _lse, _gx, _gw, _gb = chosen.fwd_op(
-        x, weight, target, bias, class_weight, sample_weight, lam, normalize, float(scale),
-        float(margin), float(cos_margin), float(label_smoothing), int(ignore_index), red,
-        margin_grad == "straight_through", compute_grad)
-    return loss
+    inputs = (x, weight, target, bias, class_weight, sample_weight, lam, normalize, float(scale),
+              float(margin), float(cos_margin), float(label_smoothing), int(ignore_index), red,
+              margin_grad == "straight_through", compute_grad)
+    if torch.compiler.is_compiling() or not _needs_grad(x, weight, bias):
+        return chosen.fwd_op(*inputs)[0]
+    return _FusedLoss.apply(chosen.fwd_op, chosen.bwd_op, *inputs)
 
 
 def angular_margin_cross_entropy(x, weight, target, *, scale=64.0, margin=0.5, cos_margin=0.0,

@@ -10,13 +10,17 @@
 // v8f values only cross inlined helpers of this file, so the ABI of passing them does not matter.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-// Two builds of every loop: AVX2 and the baseline x86-64 ISA, picked by CPU features when the
-// library loads (function multi-versioning keyed on "avx2", not on a CPU model).
+// Two builds of every loop: x86-64-v3 (AVX2 + FMA) and the baseline x86-64 ISA, picked by CPU
+// features when the library loads (function multi-versioning keyed on the ISA level, not on a
+// CPU model).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define UDAT_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#define UDAT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define UDAT_MULTIVERSION
 #endif
+
+// Helpers are forced inline so that each cloned entry point compiles them for its own ISA.
+#define UDAT_INLINE __attribute__((always_inline)) inline
 
 namespace udat {
 namespace cpu {
@@ -31,14 +35,14 @@ constexpr int64_t kW = 8;
 // kFlush / kW terms keep rounding far below the test tolerance at any C.
 constexpr int64_t kFlush = 1024;
 
-inline v8f load(const float* p) {
+UDAT_INLINE v8f load(const float* p) {
   v8f v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void store(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-inline v8f splat(float a) { return v8f{} + a; }
-inline double hsum(v8f v) {
+UDAT_INLINE void store(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+UDAT_INLINE v8f splat(float a) { return v8f{} + a; }
+UDAT_INLINE double hsum(v8f v) {
   double s = 0;
   for (int l = 0; l < kW; ++l) s += v[l];
   return s;
@@ -47,7 +51,7 @@ inline double hsum(v8f v) {
 // exp(x) for x <= 88 to about 2 ulp (Cephes' expf): 2^n · p(r), r = x - n·ln2, |r| <= ln2/2.
 // Inputs below -87.3 give 2^-126 instead of a denormal or 0, negligible beside the sum's >= 1
 // term; NaN stays NaN (both clamps compare false).
-inline v8f exp_poly(v8f x) {
+UDAT_INLINE v8f exp_poly(v8f x) {
   const v8f lo = splat(-87.3f), hi = splat(88.0f);
   v8f xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
@@ -67,7 +71,7 @@ inline v8f exp_poly(v8f x) {
   return p * (v8f)e;  // a vector cast reinterprets the bits
 }
 
-inline float exp_poly(float x) {
+UDAT_INLINE float exp_poly(float x) {
   v8f v = splat(x);
   return exp_poly(v)[0];
 }
@@ -141,12 +145,83 @@ double dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-UDAT_MULTIVERSION
-void axpy2(float a, const float* x1, float* y1, const float* x2, float* y2, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    y1[j] += a * x1[j];
-    y2[j] += a * x2[j];
+namespace {
+
+// The class count as a template parameter: the per-class accumulators stay in registers.
+template <int C>
+UDAT_INLINE void head_dots(const float* x, const float* W, int64_t D, float* z) {
+  v8f acc[C] = {};
+  int64_t j = 0;
+  for (; j + kW <= D; j += kW) {
+    const v8f xv = load(x + j);
+    for (int c = 0; c < C; ++c) acc[c] += xv * load(W + c * D + j);
   }
+  for (int c = 0; c < C; ++c) {
+    float s = 0;
+    for (int l = 0; l < kW; ++l) s += acc[c][l];
+    for (int64_t k = j; k < D; ++k) s += x[k] * W[c * D + k];
+    z[c] = s;
+  }
+}
+
+template <int C>
+UDAT_INLINE void head_grads(const float* g, const float* W, const float* x, int64_t D, float* gx,
+                       float* gW) {
+  int64_t j = 0;
+  for (; j + kW <= D; j += kW) {
+    const v8f xv = load(x + j);
+    v8f acc{};
+    for (int c = 0; c < C; ++c) {
+      acc += g[c] * load(W + c * D + j);
+      store(gW + c * D + j, load(gW + c * D + j) + g[c] * xv);
+    }
+    store(gx + j, acc);
+  }
+  for (; j < D; ++j) {
+    float acc = 0;
+    for (int c = 0; c < C; ++c) {
+      acc += g[c] * W[c * D + j];
+      gW[c * D + j] += g[c] * x[j];
+    }
+    gx[j] = acc;
+  }
+}
+
+template <template <int> class Fn, int C = 1>
+struct HeadSwitch {
+  template <typename... Args>
+  UDAT_INLINE static void run(int64_t classes, Args... args) {
+    if (classes == C) return Fn<C>::run(args...);
+    if constexpr (C < kSmallHeadMax) HeadSwitch<Fn, C + 1>::run(classes, args...);
+  }
+};
+
+template <int C>
+struct HeadDots {
+  UDAT_INLINE static void run(const float* x, const float* W, int64_t D, float* z) {
+    head_dots<C>(x, W, D, z);
+  }
+};
+
+template <int C>
+struct HeadGrads {
+  UDAT_INLINE static void run(const float* g, const float* W, const float* x, int64_t D, float* gx,
+                  float* gW) {
+    head_grads<C>(g, W, x, D, gx, gW);
+  }
+};
+
+}  // namespace
+
+UDAT_MULTIVERSION
+void small_head_dots(const float* x, const float* W, int64_t C, int64_t D, float* z) {
+  HeadSwitch<HeadDots>::run(C, x, W, D, z);
+}
+
+UDAT_MULTIVERSION
+void small_head_grads(const float* g, const float* W, const float* x, int64_t C, int64_t D,
+                      float* gx, float* gW) {
+  HeadSwitch<HeadGrads>::run(C, g, W, x, D, gx, gW);
 }
 
 UDAT_MULTIVERSION

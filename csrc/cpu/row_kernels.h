@@ -32,8 +32,14 @@ void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const floa
 // Σ_j a[j] b[j], accumulated in double.
 double dot(const float* a, const float* b, int64_t n);
 
-// y1 += a·x1 and y2 += a·x2 over n elements (one row's share of two gradient products).
-void axpy2(float a, const float* x1, float* y1, const float* x2, float* y2, int64_t n);
+// Heads of at most kSmallHeadMax classes, one row at a time, with W (C, D) row-major:
+// z[c] = Σ_k x[k]·W[c, k] for every class in one pass over x.
+constexpr int64_t kSmallHeadMax = 16;
+void small_head_dots(const float* x, const float* W, int64_t C, int64_t D, float* z);
+
+// gx[k] = Σ_c g[c]·W[c, k] (overwritten) and gW[c, k] += g[c]·x[k], in one pass.
+void small_head_grads(const float* g, const float* W, const float* x, int64_t C, int64_t D,
+                      float* gx, float* gW);
 
 }  // namespace cpu
 }  // namespace udat

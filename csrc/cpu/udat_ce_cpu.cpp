@@ -40,10 +40,12 @@ int64_t block_bytes() {
 
 // Heads of at most this many classes take the small-C pass (no GEMMs, no per-op overhead);
 // UDAT_CPU_SMALL_C overrides it (tests set 0 to run small heads through the row blocks).
-constexpr int64_t kDefaultSmallC = 16;
+constexpr int64_t kDefaultSmallC = cpu::kSmallHeadMax;
 
 int64_t small_c_limit() {
-  if (const char* env = std::getenv("UDAT_CPU_SMALL_C")) return std::atoll(env);
+  if (const char* env = std::getenv("UDAT_CPU_SMALL_C")) {
+    return std::min<int64_t>(std::atoll(env), cpu::kSmallHeadMax);
+  }
   return kDefaultSmallC;
 }
 
@@ -92,14 +94,26 @@ double dot(const T* a, const T* b, int64_t n) {
 double dot(const float* a, const float* b, int64_t n) { return cpu::dot(a, b, n); }
 
 template <typename T>
-void axpy2(T a, const T* x1, T* y1, const T* x2, T* y2, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    y1[j] += a * x1[j];
-    y2[j] += a * x2[j];
+void head_dots(const T* x, const T* W, int64_t C, int64_t D, T* z) {
+  for (int64_t c = 0; c < C; ++c) z[c] = T(dot(x, W + c * D, D));
+}
+void head_dots(const float* x, const float* W, int64_t C, int64_t D, float* z) {
+  cpu::small_head_dots(x, W, C, D, z);
+}
+
+template <typename T>
+void head_grads(const T* g, const T* W, const T* x, int64_t C, int64_t D, T* gx, T* gW) {
+  std::fill(gx, gx + D, T(0));
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t k = 0; k < D; ++k) {
+      gx[k] += g[c] * W[c * D + k];
+      gW[c * D + k] += g[c] * x[k];
+    }
   }
 }
-void axpy2(float a, const float* x1, float* y1, const float* x2, float* y2, int64_t n) {
-  cpu::axpy2(a, x1, y1, x2, y2, n);
+void head_grads(const float* g, const float* W, const float* x, int64_t C, int64_t D, float* gx,
+                float* gW) {
+  cpu::small_head_grads(g, W, x, C, D, gx, gW);
 }
 
 template <typename T>
@@ -364,16 +378,13 @@ void small_pass(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
           for (int64_t k = 0; k < D; ++k) xh[k] = xi[k] / d;  // division: exact ±1 cosines
           feats = xh.data();
         }
-        for (int64_t j = 0; j < C; ++j) z[j] = T(dot(feats, w + j * D, D));
+        head_dots(feats, w, C, D, z.data());
         row_epilogue(P, opt, mp, out, i, z.data());
         if (!grads) continue;
         // z now holds G'_ij: grad x̂_i = Σ_j G'_ij W_j, grad W += G'ᵀ x̂.
         T* gx = gx_all + i * D;
-        std::fill(gx, gx + D, T(0));
-        for (int64_t j = 0; j < C; ++j) {
-          axpy2(z[j], w + j * D, gx, feats, gw + j * D, D);
-          gw[C * D + j] += z[j];
-        }
+        head_grads(z.data(), w, feats, C, D, gx, gw);
+        for (int64_t j = 0; j < C; ++j) gw[C * D + j] += z[j];
         if (opt.normalize) {
           const T f = out.x_scale / std::max(xn, T(kNormEps));
           const T proj = xn >= T(kNormEps) ? T(dot(gx, feats, D)) : T(0);
