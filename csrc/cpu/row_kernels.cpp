@@ -132,6 +132,11 @@ double weighted_sum(const float* z, int64_t n, const float* w) {
 }
 
 UDAT_MULTIVERSION
+void divide(const float* x, float d, float* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = x[j] / d;
+}
+
+UDAT_MULTIVERSION
 double dot(const float* a, const float* b, int64_t n) {
   double total = 0;
   int64_t j = 0;

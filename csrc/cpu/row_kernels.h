@@ -29,6 +29,10 @@ double weighted_sum(const float* z, int64_t n, const float* w);
 void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const float* w,
                   const float* col_scale);
 
+// out[j] = x[j] / d: a division, not a multiplication by 1/d, so that a row parallel to a class
+// centre gets a cosine of exactly ±1.
+void divide(const float* x, float d, float* out, int64_t n);
+
 // Σ_j a[j] b[j], accumulated in double.
 double dot(const float* a, const float* b, int64_t n);
 

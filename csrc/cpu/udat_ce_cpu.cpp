@@ -94,6 +94,12 @@ double dot(const T* a, const T* b, int64_t n) {
 double dot(const float* a, const float* b, int64_t n) { return cpu::dot(a, b, n); }
 
 template <typename T>
+void divide(const T* x, T d, T* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = x[j] / d;
+}
+void divide(const float* x, float d, float* out, int64_t n) { cpu::divide(x, d, out, n); }
+
+template <typename T>
 void head_dots(const T* x, const T* W, int64_t C, int64_t D, T* z) {
   for (int64_t c = 0; c < C; ++c) z[c] = T(dot(x, W + c * D, D));
 }
@@ -375,7 +381,7 @@ void small_pass(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
         if (opt.normalize) {
           xn = std::sqrt(T(dot(xi, xi, D)));
           const T d = std::max(xn, T(kNormEps));
-          for (int64_t k = 0; k < D; ++k) xh[k] = xi[k] / d;  // division: exact ±1 cosines
+          divide(xi, d, xh.data(), D);
           feats = xh.data();
         }
         head_dots(feats, w, C, D, z.data());
