@@ -89,22 +89,27 @@ def check_call(x, weight, target, *, bias=None, class_weight=None, sample_weight
             raise ValueError(f"cos_margin: expected a finite number >= 0, got {m3}")
         if margin_grad not in MARGIN_GRADS:
             raise ValueError(f"margin_grad: expected one of {MARGIN_GRADS}, got {margin_grad!r}")
-    check_lambda(grl_lambda)
+    if grl_lambda is not None:
+        check_lambda(grl_lambda)
     return reduction_code(reduction)
 
 
-def check_lambda(grl_lambda) -> None:
-    """None, a finite real number, or a 0-dim floating-point tensor."""
-    if grl_lambda is None:
-        return
-    if isinstance(grl_lambda, torch.Tensor):
-        if grl_lambda.dim() != 0 or not grl_lambda.is_floating_point():
-            raise ValueError(f"grl_lambda: expected a 0-dim floating-point tensor, got "
-                             f"shape {tuple(grl_lambda.shape)} {grl_lambda.dtype}")
-        return
-    lam = _number("grl_lambda", grl_lambda)
+def check_lambda(value, name: str = "grl_lambda"):
+    """λ of a gradient reversal: a finite real number (returned as a float) or a 0-dim
+    floating-point tensor (returned as it is; its value is checked here only on the CPU, where
+    reading it costs no device sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(f"{name}: expected a 0-dim floating-point tensor, got "
+                             f"shape {tuple(value.shape)} {value.dtype}")
+        if (value.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not math.isfinite(float(value))):
+            raise ValueError(f"{name}: expected a finite value, got {float(value)}")
+        return value
+    lam = _number(name, value)
     if not math.isfinite(lam):
-        raise ValueError(f"grl_lambda: expected a finite number, got {lam}")
+        raise ValueError(f"{name}: expected a finite number, got {lam}")
+    return lam
 
 
 def check_data(target, num_classes: int, ignore_index: int, grl_lambda, *,

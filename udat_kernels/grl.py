@@ -12,26 +12,9 @@ import math
 
 import torch
 
-__all__ = ["grad_reverse", "reversed_linear", "check_lambda"]
+from ._validate import check_lambda
 
-
-def check_lambda(lambda_, name: str = "lambda_"):
-    """Validate λ: a finite real number or a 0-dim floating tensor (returned unchanged).
-
-    A tensor's value is only checked on the CPU, where reading it costs no device sync.
-    """
-    if isinstance(lambda_, torch.Tensor):
-        if lambda_.dim() != 0 or not lambda_.is_floating_point():
-            raise TypeError(f"{name} must be a float or a 0-dim floating tensor, got a tensor "
-                            f"of shape {tuple(lambda_.shape)} and dtype {lambda_.dtype}")
-        if lambda_.device.type == "cpu" and not math.isfinite(float(lambda_)):
-            raise ValueError(f"{name} must be finite, got {float(lambda_)}")
-        return lambda_
-    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)):
-        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(lambda_).__name__}")
-    if not math.isfinite(lambda_):
-        raise ValueError(f"{name} must be finite, got {lambda_}")
-    return float(lambda_)
+__all__ = ["grad_reverse", "reversed_linear"]
 
 
 class _GradReverse(torch.autograd.Function):
@@ -54,7 +37,7 @@ def grad_reverse(x: torch.Tensor, lambda_) -> torch.Tensor:
     x: any shape. lambda_: a float or a 0-dim tensor (read when the backward runs, so a tensor
     may be updated in place between steps).
     """
-    return _GradReverse.apply(x, check_lambda(lambda_))
+    return _GradReverse.apply(x, check_lambda(lambda_, "lambda_"))
 
 
 class _ReversedLinear(torch.autograd.Function):
@@ -98,4 +81,4 @@ def reversed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     lambda_) -> torch.Tensor:
     """x (..., in) · weight (out, in)ᵀ + bias (out,) -> (..., out), with the input gradient
     reversed and scaled by λ inside the backward GEMM. A tensor λ is read once per backward."""
-    return _ReversedLinear.apply(x, weight, bias, check_lambda(lambda_))
+    return _ReversedLinear.apply(x, weight, bias, check_lambda(lambda_, "lambda_"))
