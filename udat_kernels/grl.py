@@ -8,7 +8,6 @@ activations; the weight and bias gradients are the ordinary ones.
 
 from __future__ import annotations
 
-
 import torch
 
 from ._validate import check_lambda
