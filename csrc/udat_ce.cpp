@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 
 namespace udat {
 
@@ -80,6 +81,14 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   TORCH_CHECK_VALUE(opt.label_smoothing >= 0 && opt.label_smoothing < 1,
                     "label_smoothing: expected 0 <= label_smoothing < 1, got ",
                     opt.label_smoothing);
+}
+
+int64_t env_knob(const char* name, int64_t fallback, int64_t min_value) {
+  const char* env = std::getenv(name);
+  if (!env || !*env) return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  return (*end == '\0' && v >= min_value) ? int64_t(v) : fallback;
 }
 
 at::ScalarType loss_dtype(const at::Tensor& x, const at::Tensor& weight) {

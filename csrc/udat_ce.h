@@ -38,6 +38,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 // float64 when x or weight is float64, float32 otherwise: the dtype of loss and lse.
 at::ScalarType loss_dtype(const at::Tensor& x, const at::Tensor& weight);
 
+// An integer tuning knob from the environment (tests use them to force a path on small inputs):
+// the variable's value when it is set to an integer >= min_value, `fallback` otherwise.
+int64_t env_knob(const char* name, int64_t fallback, int64_t min_value = 1);
+
 using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 

@@ -30,23 +30,14 @@ constexpr int64_t kDefaultBlockBytes = int64_t(256) << 20;
 
 // Bytes of logits a row block may hold; UDAT_CPU_BLOCK_BYTES overrides (tests use it to force
 // several blocks on small inputs).
-int64_t block_bytes() {
-  if (const char* env = std::getenv("UDAT_CPU_BLOCK_BYTES")) {
-    const long long v = std::atoll(env);
-    if (v > 0) return v;
-  }
-  return kDefaultBlockBytes;
-}
+int64_t block_bytes() { return env_knob("UDAT_CPU_BLOCK_BYTES", kDefaultBlockBytes); }
 
 // Heads of at most this many classes take the small-C pass (no GEMMs, no per-op overhead);
 // UDAT_CPU_SMALL_C overrides it (tests set 0 to run small heads through the row blocks).
 constexpr int64_t kDefaultSmallC = cpu::kSmallHeadMax;
 
 int64_t small_c_limit() {
-  if (const char* env = std::getenv("UDAT_CPU_SMALL_C")) {
-    return std::min<int64_t>(std::atoll(env), cpu::kSmallHeadMax);
-  }
-  return kDefaultSmallC;
+  return std::min<int64_t>(env_knob("UDAT_CPU_SMALL_C", kDefaultSmallC, 0), cpu::kSmallHeadMax);
 }
 
 void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {

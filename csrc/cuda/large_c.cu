@@ -18,13 +18,7 @@ constexpr int64_t kDefaultBlockBytes = int64_t(256) << 20;
 
 // Bytes of logits (plus their gradient) a row block may hold; UDAT_CUDA_BLOCK_BYTES overrides it
 // (tests use it to force several blocks on small inputs).
-int64_t block_bytes() {
-  if (const char* env = std::getenv("UDAT_CUDA_BLOCK_BYTES")) {
-    const long long v = std::atoll(env);
-    if (v > 0) return v;
-  }
-  return kDefaultBlockBytes;
-}
+int64_t block_bytes() { return env_knob("UDAT_CUDA_BLOCK_BYTES", kDefaultBlockBytes); }
 
 // Blocks for n items at `threads` a block (the grid-stride kernels cap it; one block at least).
 unsigned grid_for(int64_t n, int threads, int64_t cap = int64_t(1) << 30) {
