@@ -147,7 +147,8 @@ def time_step(step: Callable[[], object], *, device: str = "cpu", warmup: int = 
     Each sample runs `step` enough times to last at least `min_sample_s` (so microsecond steps
     are not dominated by timer resolution); the result is per call. At least `min_samples`
     samples are taken whatever the budget. The first call is timed on its own (it includes
-    compilation for torch.compile).
+    compilation for torch.compile); when it takes over a quarter of the budget it is the only
+    warm-up call.
     """
     synchronize(device)
     t0 = time.perf_counter()
@@ -155,7 +156,8 @@ def time_step(step: Callable[[], object], *, device: str = "cpu", warmup: int = 
     synchronize(device)
     first = time.perf_counter() - t0
     est = first
-    for _ in range(max(warmup - 1, 0)):
+    # a step slower than a quarter of the budget is warm after its first call
+    for _ in range(max(warmup - 1, 0) if first < budget_s / 4 else 0):
         t0 = time.perf_counter()
         step()
         synchronize(device)
