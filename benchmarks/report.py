@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -387,11 +388,10 @@ def _merge(runs: list[Row]) -> Row:
         return runs[0]
     row = ok[0]
     meds = sorted(r.median_s for r in ok)
-    row.median_s = meds[len(meds) // 2]
+    row.median_s = statistics.median(meds)
     row.min_s, row.max_s = min(r.min_s for r in ok), max(r.max_s for r in ok)
     row.samples = sum(r.samples for r in ok)
-    mems = sorted(r.peak_mem_bytes for r in ok)
-    row.peak_mem_bytes = mems[len(mems) // 2]
+    row.peak_mem_bytes = statistics.median(r.peak_mem_bytes for r in ok)
     row.extra["process_medians_s"] = meds
     return row
 
