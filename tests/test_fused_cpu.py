@@ -179,3 +179,15 @@ def test_small_heads_on_both_paths(monkeypatch, small_c_limit, angular, B, D, C)
                         "class_weight": torch.rand(C) + 0.5, "sample_weight": torch.rand(B)}):
         check_against_reference(fn(angular), x, w, t, angular=angular, bias=bias,
                                 backend="cpu", **kwargs)
+
+
+def test_insightface_baseline_is_arcface():
+    """The benchmark's insightface-style baseline computes the same ArcFace loss, and its
+    straight-through gradient, where every target cosine is on the angular branch."""
+    x, w, t = make_inputs(12, 16, 5, x_dtype=torch.float64, w_dtype=torch.float64, seed=12,
+                          target_cos=0.4)
+    ours = run_loss(uk.reference.angular_margin_cross_entropy, x, w, t, scale=30.0,
+                    margin_grad="straight_through")
+    base = run_loss(uk.reference.insightface_arcface, x, w, t, scale=30.0)
+    for a, b in zip(base, ours):
+        torch.testing.assert_close(a, b)

@@ -148,7 +148,7 @@ def insightface_arcface(x, weight, target, *, scale=64.0, margin=0.5, ignore_ind
     with torch.no_grad():
         target_logit = logits[index, target[index]]
         logits.arccos_()
-        final = torch.cos(target_logit.arccos() + margin)
+        final = target_logit.arccos() + margin  # the cos_ below takes the cosine of every logit
         logits[index, target[index]] = final
         logits.cos_()
     logits = logits * scale
