@@ -104,7 +104,7 @@ def nvidia_include_dirs() -> list[str]:
     bare toolkit may lack and ATen's CUDA headers include."""
     dirs = []
     for site in sys.path:
-        for pkg in ("cu*", "cublas", "cusparse", "cusolver", "curand", "cufft"):
+        for pkg in ("cu[0-9]*", "cublas", "cusparse", "cusolver", "curand", "cufft"):
             dirs += glob.glob(os.path.join(site, "nvidia", pkg, "include"))
     return sorted({d for d in dirs if os.path.isdir(d)})
 
