@@ -33,7 +33,6 @@ struct MarginParams {
   T linear_off;  // m2 * sin m2: the linear branch's offset
   T cos_margin;  // m3
   bool straight_through;  // psi' = 1 everywhere (insightface's behaviour)
-  bool has_margin;        // m2 != 0 or m3 != 0; false makes psi the identity
 };
 
 inline MarginParams<double> make_margin_params(double scale, double margin, double cos_margin,
@@ -47,7 +46,6 @@ inline MarginParams<double> make_margin_params(double scale, double margin, doub
   p.linear_off = margin * std::sin(margin);
   p.cos_margin = cos_margin;
   p.straight_through = straight_through;
-  p.has_margin = margin != 0.0 || cos_margin != 0.0;
   return p;
 }
 
@@ -56,7 +54,7 @@ inline MarginParams<T> cast_params(const MarginParams<double>& p) {
   return MarginParams<T>{static_cast<T>(p.scale),     static_cast<T>(p.cos_m),
                          static_cast<T>(p.sin_m),     static_cast<T>(p.threshold),
                          static_cast<T>(p.linear_off), static_cast<T>(p.cos_margin),
-                         p.straight_through,          p.has_margin};
+                         p.straight_through};
 }
 
 template <typename T>

@@ -21,7 +21,6 @@ import torch
 from . import _C_loader
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class ReferenceBackend:

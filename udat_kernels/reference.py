@@ -17,7 +17,6 @@ from .grl import grad_reverse
 
 NORM_EPS = 1e-12
 SIN_FLOOR = 1e-12
-REDUCTIONS = ("none", "mean", "sum")
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:

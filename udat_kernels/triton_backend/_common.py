@@ -14,10 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-# The norm floor of F.normalize, and the floor under 1 - c^2 in the exact margin derivative.
-NORM_EPS = 1e-12
-SIN_FLOOR = 1e-12
-
 
 def interpreting() -> bool:
     """Whether Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
