@@ -121,6 +121,7 @@ def extension():
     with_cuda = build_cuda()
     sources = [
         "csrc/udat_ce.cpp",
+        "csrc/margin_ce_autograd.cpp",
         "csrc/cpu/udat_ce_cpu.cpp",
         "csrc/cpu/row_kernels.cpp",
         "python/module.cpp",

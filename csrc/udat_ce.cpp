@@ -111,4 +111,10 @@ TORCH_LIBRARY(udat_kernels, m) {
       "bool normalize, float scale, float margin, float cos_margin, float label_smoothing, "
       "int ignore_index, int reduction, bool straight_through) -> (Tensor grad_x, "
       "Tensor grad_weight, Tensor grad_bias)");
+  // The differentiable loss over the pair margin_ce_{fwd,bwd}[_<impl>] (margin_ce_autograd.cpp).
+  m.def(
+      "margin_ce(Tensor x, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+      "Tensor? sample_weight, Tensor? grl_lambda, bool normalize, float scale, float margin, "
+      "float cos_margin, float label_smoothing, int ignore_index, int reduction, "
+      "bool straight_through, bool grad_in_forward, str impl) -> Tensor loss");
 }

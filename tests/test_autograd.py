@@ -45,11 +45,32 @@ def _sample_args(compute_grad, with_bias, lam):
             False, compute_grad)
 
 
+@pytest.mark.parametrize("with_bias", [True, False], ids=["linear", "angular"])
+def test_opcheck_loss_op(with_bias):
+    """The differentiable op: autograd registration, fake, and AOT dispatch with gradients."""
+    args = _sample_args(True, with_bias, 0.5)[:15] + (True, "")
+    torch.library.opcheck(torch.ops.udat_kernels.margin_ce.default, args)
+
+
 @pytest.mark.parametrize("compute_grad", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["linear", "angular"])
 def test_opcheck_forward_op(compute_grad, with_bias):
     args = _sample_args(compute_grad, with_bias, 0.5)
+    args = (args[0].detach(), args[1].detach()) + args[2:]
     torch.library.opcheck(torch.ops.udat_kernels.margin_ce_fwd.default, args)
+
+
+def test_op_pair_is_not_differentiable_by_itself():
+    """Gradients flow through margin_ce; the pair's outputs (gradients among them) do not
+    require grad, so a direct call cannot silently give a wrong gradient."""
+    args = _sample_args(True, False, None)
+    assert not any(out.requires_grad for out in torch.ops.udat_kernels.margin_ce_fwd(*args))
+
+
+def test_loss_op_names_an_unknown_impl():
+    args = _sample_args(True, False, None)[:15] + (True, "nonexistent")
+    with pytest.raises(ValueError, match="impl"):
+        torch.ops.udat_kernels.margin_ce(*args)
 
 
 def test_opcheck_backward_op():

@@ -248,11 +248,15 @@ def test_opcheck(normalize, compute_grad, tiled_path, monkeypatch):
 
     ops = torch.ops.udat_kernels
     args = _op_args(normalize, compute_grad)
-    torch.library.opcheck(ops.margin_ce_fwd_triton.default, args,
+    # The differentiable loss op over the Triton pair, then the pair itself.
+    torch.library.opcheck(ops.margin_ce.default, args[:15] + (compute_grad, "triton"),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
-    loss, lse, *_ = ops.margin_ce_fwd_triton(*args)
     x, w, t, bias, cw, sw, lam = args[:7]
+    args = (x.detach(), w.detach()) + args[2:]
+    torch.library.opcheck(ops.margin_ce_fwd_triton.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    loss, lse, *_ = ops.margin_ce_fwd_triton(*args)
     bwd_args = (torch.ones_like(loss), x.detach(), w.detach(), t, bias, cw, sw, lse, lam,
                 *args[7:15])
     torch.library.opcheck(ops.margin_ce_bwd_triton.default, bwd_args,

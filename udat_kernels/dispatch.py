@@ -6,6 +6,8 @@ A backend is an object with
   grad_in_forward(B, D, C)   True to form the gradient during the forward (three GEMMs),
                              False to recompute it in the backward (see docs/design.md)
   fwd_op, bwd_op             the torch.library ops (None for the reference backend)
+  impl                       the suffix of the op pair's names that the loss op
+                             `udat_kernels::margin_ce` calls ("" for the compiled pair)
 
 `backend="auto"` (or the UDAT_BACKEND environment variable) takes the first backend of the
 device's priority list that can serve; an explicit backend that cannot serve raises, listing why.
@@ -25,7 +27,7 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 class ReferenceBackend:
     name = "reference"
-    fwd_op = bwd_op = None
+    fwd_op = bwd_op = impl = None
 
     def reasons(self, x, weight):
         return []
@@ -36,6 +38,8 @@ class ReferenceBackend:
 
 class CppBackend:
     """The compiled C++ ops, for the CPU or the CUDA dispatch key of the same op."""
+
+    impl = ""
 
     def __init__(self, name: str, device_type: str):
         self.name = name

@@ -1,8 +1,9 @@
-"""The public fused losses: validation, backend dispatch, and the autograd of the fused ops.
+"""The public fused losses: validation, backend dispatch, and the fake implementations of the ops.
 
 Every fused backend implements the op pair of docs/design.md (`margin_ce_fwd`, `margin_ce_bwd`);
-this module gives each pair its fake (meta) implementation and its autograd formula, once, through
-`register_op_pair`. The C++ pair is registered here; the Triton pair by udat_kernels.triton_backend.
+the differentiable loss op `margin_ce` calls a pair by name and holds the one autograd formula
+(C++, csrc/margin_ce_autograd.cpp). This module gives each pair its fake (meta) implementation
+through `register_fakes`: the C++ pair here, the Triton pair in udat_kernels.triton_backend.
 """
 
 from __future__ import annotations
@@ -10,12 +11,6 @@ from __future__ import annotations
 import torch
 
 from . import _C_loader, _validate, dispatch, reference
-
-_FWD_ARGS = ("x", "weight", "target", "bias", "class_weight", "sample_weight", "grl_lambda",
-             "normalize", "scale", "margin", "cos_margin", "label_smoothing", "ignore_index",
-             "reduction", "straight_through", "compute_grad")
-_DOUBLE_BACKWARD = (b"udat_kernels: double backward through the fused cross-entropy is not "
-                    b"supported (its gradient is computed in closed form)")
 
 
 def _loss_dtype(x, weight):
@@ -49,109 +44,28 @@ def _bwd_fake(grad_loss, x, weight, target, bias, class_weight, sample_weight, l
             bias.new_empty(bias.shape) if bias is not None else no_bias)
 
 
-def _once_differentiable(grads):
-    """Gradients that raise a clear error if anyone differentiates them again (create_graph)."""
-    if not torch.is_grad_enabled():
-        return grads
-    slots = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor) and g.is_floating_point()]
-    if not slots:
-        return grads
-    err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD, len(slots))
-    outs = err(*[grads[i].detach().requires_grad_() for i in slots])
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    grads = list(grads)
-    for i, out in zip(slots, outs):
-        grads[i] = out
-    return tuple(grads)
+def _loss_fake(x, weight, target, bias, class_weight, sample_weight, grl_lambda, normalize,
+               scale, margin, cos_margin, label_smoothing, ignore_index, reduction,
+               straight_through, grad_in_forward, impl):
+    B = x.shape[0]
+    return x.new_empty((B,) if reduction == 0 else (), dtype=_loss_dtype(x, weight))
 
 
-def _save_for_loss_backward(ctx, inputs, output):
-    """What the backward needs: the forward's gradients, or the inputs to recompute them."""
-    args = dict(zip(_FWD_ARGS, inputs))
-    _, lse, grad_x, grad_w, grad_b = output
-    ctx.compute_grad = args["compute_grad"]
-    ctx.has_bias = args["bias"] is not None
-    ctx.scalars = tuple(args[k] for k in ("normalize", "scale", "margin", "cos_margin",
-                                          "label_smoothing", "ignore_index", "reduction",
-                                          "straight_through"))
-    if ctx.compute_grad:
-        ctx.save_for_backward(grad_x, grad_w, grad_b)
-    else:
-        ctx.save_for_backward(args["x"], args["weight"], args["target"], args["bias"],
-                              args["class_weight"], args["sample_weight"], lse,
-                              args["grl_lambda"])
+def register_fakes(fwd_name: str, bwd_name: str) -> None:
+    """Fake (meta) implementations of an op pair with the schema of margin_ce_fwd/_bwd.
 
-
-def _loss_backward(ctx, bwd_op, grad_loss):
-    """(grad x, grad weight, grad bias or None) for the upstream gradient of the loss."""
-    if ctx.compute_grad:
-        # The gradient was formed in the forward for an upstream gradient of one: rescale into
-        # new tensors, leaving the saved ones as they are (retain_graph stays correct).
-        gx, gw, gb = ctx.saved_tensors
-        g = grad_loss.to(gx.dtype)
-        grad_x, grad_w = gx * g, gw * g.to(gw.dtype)
-        grad_b = gb * g.to(gb.dtype) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b
-    x, weight, target, bias, cw, sw, lse, lam = ctx.saved_tensors
-    grad_x, grad_w, grad_b = bwd_op(grad_loss, x, weight, target, bias, cw, sw, lse, lam,
-                                    *ctx.scalars)
-    return grad_x, grad_w, (grad_b if ctx.has_bias else None)
-
-
-class _FusedLoss(torch.autograd.Function):
-    """The same autograd formula as the registered one, for eager calls: an autograd.Function
-    costs a fraction of the registered op's Python autograd wrapper, which dominates small heads.
-    (torch.compile and direct op calls use the registered formula.)"""
-
-    @staticmethod
-    def forward(ctx, fwd_op, bwd_op, *inputs):
-        output = fwd_op(*inputs)
-        ctx.bwd_op = bwd_op
-        _save_for_loss_backward(ctx, inputs, output)
-        return output[0]
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w, grad_b = _loss_backward(ctx, ctx.bwd_op, grad_loss)
-        grads = (None, None, grad_x, grad_w, None, grad_b) + (None,) * (len(_FWD_ARGS) - 4)
-        return _once_differentiable(grads)
-
-
-def register_op_pair(fwd_name: str, bwd_op) -> None:
-    """Register fake implementations and the autograd formula of a (forward, backward) op pair.
-
-    fwd_name: "udat_kernels::margin_ce_fwd" or another op with the same schema; bwd_op: the
-    matching backward OpOverload (schema of margin_ce_bwd).
+    Their autograd lives on the loss op `udat_kernels::margin_ce`, in C++
+    (csrc/margin_ce_autograd.cpp), which calls the pair by name.
     """
-    bwd_name = bwd_op.name()
     torch.library.register_fake(fwd_name)(_fwd_fake)
     torch.library.register_fake(bwd_name)(_bwd_fake)
 
-    def setup_context(ctx, inputs, output):
-        args = dict(zip(_FWD_ARGS, inputs))
-        _, lse, grad_x, grad_w, grad_b = output
-        # Only the loss is differentiable; without this autograd would hand backward a zero
-        # (C, D) tensor for grad_w's gradient on every call.
-        ctx.mark_non_differentiable(lse, grad_x, grad_w, grad_b)
-        ctx.set_materialize_grads(False)
-        _save_for_loss_backward(ctx, inputs, output)
 
-    def backward(ctx, grad_loss, _grad_lse, _grad_gx, _grad_gw, _grad_gb):
-        if grad_loss is None:  # grads are not materialized: nothing flows into the loss
-            return (None,) * len(_FWD_ARGS)
-        grad_x, grad_w, grad_b = _loss_backward(ctx, bwd_op, grad_loss)
-        grads = (grad_x, grad_w, None, grad_b) + (None,) * (len(_FWD_ARGS) - 4)
-        return _once_differentiable(grads)
-
-    def backward_of_backward(ctx, *grads):
-        raise RuntimeError(_DOUBLE_BACKWARD.decode())
-
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
-    torch.library.register_autograd(bwd_name, backward_of_backward)
-
-
+_LOSS_OP = None
 if _C_loader.available():
-    register_op_pair("udat_kernels::margin_ce_fwd", torch.ops.udat_kernels.margin_ce_bwd.default)
+    register_fakes("udat_kernels::margin_ce_fwd", "udat_kernels::margin_ce_bwd")
+    torch.library.register_fake("udat_kernels::margin_ce")(_loss_fake)
+    _LOSS_OP = torch.ops.udat_kernels.margin_ce.default
 
 
 def _as_lambda_tensor(grl_lambda, x, weight):
@@ -160,10 +74,6 @@ def _as_lambda_tensor(grl_lambda, x, weight):
     if grl_lambda is None or isinstance(grl_lambda, torch.Tensor):
         return grl_lambda
     return torch.full((), float(grl_lambda), dtype=_loss_dtype(x, weight), device=x.device)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _fused(x, weight, target, *, normalize, bias, class_weight, sample_weight, scale, margin,
@@ -193,16 +103,11 @@ def _fused(x, weight, target, *, normalize, bias, class_weight, sample_weight, s
             label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction,
             grl_lambda=grl_lambda)
     B, D = x.shape
-    C = weight.shape[0]
-    compute_grad = (_needs_grad(x, weight, bias) and red != 0
-                    and chosen.grad_in_forward(B, D, C))
     lam = _as_lambda_tensor(grl_lambda, x, weight)
-    inputs = (x, weight, target, bias, class_weight, sample_weight, lam, normalize, float(scale),
-              float(margin), float(cos_margin), float(label_smoothing), int(ignore_index), red,
-              margin_grad == "straight_through", compute_grad)
-    if torch.compiler.is_compiling() or not _needs_grad(x, weight, bias):
-        return chosen.fwd_op(*inputs)[0]
-    return _FusedLoss.apply(chosen.fwd_op, chosen.bwd_op, *inputs)
+    return _LOSS_OP(x, weight, target, bias, class_weight, sample_weight, lam, normalize,
+                    float(scale), float(margin), float(cos_margin), float(label_smoothing),
+                    int(ignore_index), red, margin_grad == "straight_through",
+                    chosen.grad_in_forward(B, D, weight.shape[0]), chosen.impl)
 
 
 def angular_margin_cross_entropy(x, weight, target, *, scale=64.0, margin=0.5, cos_margin=0.0,

@@ -37,6 +37,7 @@ class TritonBackend:
     """dispatch.py's Backend protocol for the Triton ops."""
 
     name = "triton"
+    impl = "triton"
 
     @property
     def fwd_op(self):

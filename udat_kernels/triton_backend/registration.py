@@ -2,8 +2,8 @@
 
 `udat_kernels::margin_ce_fwd_triton` and `udat_kernels::margin_ce_bwd_triton` take their schema
 from the compiled `margin_ce_fwd` / `margin_ce_bwd`, so the two backends cannot drift apart; their
-fake implementations and autograd formula come from udat_kernels.ops.register_op_pair, shared
-with the C++ pair. The kernels are registered for CUDA, and for CPU when TRITON_INTERPRET=1 (the
+fake implementations come from udat_kernels.ops.register_fakes, and their autograd formula is the
+loss op `udat_kernels::margin_ce` (impl "triton"), shared with the C++ pair. The kernels are registered for CUDA, and for CPU when TRITON_INTERPRET=1 (the
 interpreter runs them on CPU tensors).
 """
 
@@ -48,7 +48,8 @@ def register() -> str | None:
     for key in keys:
         lib.impl(FWD_NAME, launch.margin_ce_fwd, key)
         lib.impl(BWD_NAME, launch.margin_ce_bwd, key)
+    for name in (FWD_NAME, BWD_NAME):  # differentiable through margin_ce, not by themselves
+        lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
     _lib = lib
-    _ops.register_op_pair(f"udat_kernels::{FWD_NAME}",
-                          getattr(torch.ops.udat_kernels, BWD_NAME).default)
+    _ops.register_fakes(f"udat_kernels::{FWD_NAME}", f"udat_kernels::{BWD_NAME}")
     return None
