@@ -1,7 +1,8 @@
-// C++ tests of the margin math header and of the CPU op, through the dispatcher, against
-// straightforward double-precision loops written here.
+// C++ tests of the margin math header, of the CPU op and of the loss op's autograd, through the
+// dispatcher, against straightforward double-precision loops written here.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -126,9 +127,58 @@ static void test_cpu_op() {
   }
 }
 
+// The loss op's autograd (margin_ce_autograd.cpp): both ways to the gradient give the forward
+// op's gradient times the upstream one, and differentiating that gradient again raises.
+static void test_loss_op_autograd() {
+  at::manual_seed(1);
+  const int64_t B = 7, D = 5, C = 4;
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor w = at::randn({C, D}, opts);
+  at::Tensor t = at::randint(0, C, {B}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor x = w.index_select(0, t) + 0.3 * at::randn({B, D}, opts);
+  auto& dispatcher = c10::Dispatcher::singleton();
+  auto fwd = dispatcher.findSchemaOrThrow("udat_kernels::margin_ce_fwd", "")
+                 .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+                     double, double, double, double, int64_t, int64_t, bool, bool)>();
+  auto loss_op = dispatcher.findSchemaOrThrow("udat_kernels::margin_ce", "")
+                     .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const std::optional<at::Tensor>&,
+                                       const std::optional<at::Tensor>&,
+                                       const std::optional<at::Tensor>&,
+                                       const std::optional<at::Tensor>&, bool, double, double,
+                                       double, double, int64_t, int64_t, bool, bool,
+                                       c10::string_view)>();
+  const at::Tensor lam = at::scalar_tensor(0.5, opts);
+  auto expected = fwd.call(x, w, t, std::nullopt, std::nullopt, std::nullopt, lam, true, 16.0,
+                           0.4, 0.0, 0.1, -100, 1, false, true);
+  for (bool grad_in_forward : {true, false}) {
+    at::Tensor xv = x.clone().requires_grad_(true), wv = w.clone().requires_grad_(true);
+    at::Tensor loss = loss_op.call(xv, wv, t, std::nullopt, std::nullopt, std::nullopt, lam, true,
+                                   16.0, 0.4, 0.0, 0.1, -100, 1, false, grad_in_forward, "");
+    auto grads = torch::autograd::grad({loss}, {xv, wv}, {at::scalar_tensor(2.0, opts)},
+                                       /*retain_graph=*/true, /*create_graph=*/true);
+    CHECK_NEAR((grads[0] - 2 * std::get<2>(expected)).abs().max().item<double>(), 0.0, 1e-12);
+    CHECK_NEAR((grads[1] - 2 * std::get<3>(expected)).abs().max().item<double>(), 0.0, 1e-12);
+    bool raised = false;
+    try {
+      torch::autograd::backward({grads[0].sum()});
+    } catch (const c10::Error& e) {
+      raised = std::string(e.what()).find("double backward") != std::string::npos;
+    }
+    if (!raised) {
+      std::printf("FAIL: double backward did not raise (grad_in_forward=%d)\n", grad_in_forward);
+      ++failures;
+    }
+  }
+}
+
 int main() {
   test_margin_math();
   test_cpu_op();
+  test_loss_op_autograd();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
