@@ -11,6 +11,7 @@
 // overhead: for heads of a few classes that overhead was most of the step.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
@@ -87,6 +88,22 @@ variable_list once_differentiable(variable_list grads) {
   return grads;
 }
 
+// True when t is a plain CPU tensor whose value is one, read outside any tracing, functional or
+// transform layer (fake and functional tensors, modes, vmap/grad), where reading a value would
+// bake it into a graph or fail. Then the saved gradients are the gradient itself.
+bool plain_cpu_one(const at::Tensor& t) {
+  using c10::DispatchKey;
+  static const c10::DispatchKeySet layers({DispatchKey::Python, DispatchKey::PythonTLSSnapshot,
+                                           DispatchKey::Functionalize,
+                                           DispatchKey::FuncTorchBatched,
+                                           DispatchKey::FuncTorchGradWrapper,
+                                           DispatchKey::FuncTorchDynamicLayerFrontMode});
+  if (t.numel() != 1 || !t.device().is_cpu() || t.layout() != at::kStrided) return false;
+  if (t.key_set().has_any(layers)) return false;
+  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(layers)) return false;
+  return t.item<double>() == 1.0;
+}
+
 class MarginCeFunction : public torch::autograd::Function<MarginCeFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -127,11 +144,20 @@ class MarginCeFunction : public torch::autograd::Function<MarginCeFunction> {
     variable_list saved = ctx->get_saved_variables();
     at::Tensor grad_x, grad_w, grad_b;
     if (ctx->saved_data["compute_grad"].toBool()) {
-      // Formed in the forward for an upstream gradient of one: rescale into new tensors,
-      // leaving the saved ones as they are (retain_graph stays correct).
-      grad_x = saved[0] * grad_loss.to(saved[0].scalar_type());
-      grad_w = saved[1] * grad_loss.to(saved[1].scalar_type());
-      if (has_bias) grad_b = saved[2] * grad_loss.to(saved[2].scalar_type());
+      // Formed in the forward for an upstream gradient of one. Any other upstream rescales them
+      // into new tensors, leaving the saved ones as they are (retain_graph stays correct). An
+      // upstream of one (loss.backward()) returns them as they are: autograd only accumulates in
+      // place into, or takes over as .grad, a gradient that nothing else holds, i.e. once the
+      // graph (and with it the saved copy) is freed.
+      if (plain_cpu_one(grad_loss)) {
+        grad_x = saved[0];
+        grad_w = saved[1];
+        if (has_bias) grad_b = saved[2];
+      } else {
+        grad_x = saved[0] * grad_loss.to(saved[0].scalar_type());
+        grad_w = saved[1] * grad_loss.to(saved[1].scalar_type());
+        if (has_bias) grad_b = saved[2] * grad_loss.to(saved[2].scalar_type());
+      }
     } else {
       auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
       auto& d = ctx->saved_data;

@@ -121,6 +121,24 @@ def test_retain_graph_twice(reduction):
     torch.testing.assert_close(w.grad, 2 * g1[1])
 
 
+def test_upstream_of_one_keeps_saved_gradient_apart_from_grad():
+    """loss.backward() hands the saved gradient over as is: with the graph retained, .grad must
+    still be a copy (zeroing it in place must not change the next backward)."""
+    x, w, t = make_inputs(7, 6, 4, seed=31)
+    x.requires_grad_()
+    w.requires_grad_()
+    (ref_x,) = torch.autograd.grad(uk.angular_margin_cross_entropy(x, w, t), x)
+    loss = uk.angular_margin_cross_entropy(x, w, t, grl_lambda=0.5)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, -0.5 * ref_x)
+    x.grad.zero_()
+    w.grad.mul_(3.0)
+    first_w = w.grad.clone() / 3.0
+    loss.backward()
+    torch.testing.assert_close(x.grad, -0.5 * ref_x)
+    torch.testing.assert_close(w.grad, 4.0 * first_w)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_double_backward_raises(reduction):
     x, w, t = make_inputs(4, 3, 2, seed=26)
