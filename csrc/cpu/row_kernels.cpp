@@ -132,8 +132,10 @@ double weighted_sum(const float* z, int64_t n, const float* w) {
 }
 
 UDAT_MULTIVERSION
-void divide(const float* x, float d, float* out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = x[j] / d;
+void add_into(float* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) store(dst + j, load(dst + j) + load(src + j));
+  for (; j < n; ++j) dst[j] += src[j];
 }
 
 UDAT_MULTIVERSION
@@ -154,41 +156,77 @@ namespace {
 
 // The class count as a template parameter: the per-class accumulators stay in registers.
 template <int C>
-UDAT_INLINE void head_dots(const float* x, const float* W, int64_t D, float* z) {
+UDAT_INLINE double head_dots(const float* x, const float* W, int64_t D, double* z) {
   v8f acc[C] = {};
+  v8f sq{};
   int64_t j = 0;
   for (; j + kW <= D; j += kW) {
     const v8f xv = load(x + j);
+    sq += xv * xv;
     for (int c = 0; c < C; ++c) acc[c] += xv * load(W + c * D + j);
   }
+  double sumsq = hsum(sq);
+  for (int64_t k = j; k < D; ++k) sumsq += double(x[k]) * x[k];
   for (int c = 0; c < C; ++c) {
-    float s = 0;
-    for (int l = 0; l < kW; ++l) s += acc[c][l];
-    for (int64_t k = j; k < D; ++k) s += x[k] * W[c * D + k];
+    double s = hsum(acc[c]);
+    for (int64_t k = j; k < D; ++k) s += double(x[k]) * W[c * D + k];
     z[c] = s;
+  }
+  return sumsq;
+}
+
+// Pass 2 on R consecutive rows at once: each W_c and grad W_c vector is loaded (and grad W_c
+// stored) once for the R rows rather than once per row; grad W_c still adds the rows in order.
+template <int C, int R>
+UDAT_INLINE void grads_tile(const float* __restrict g, const float* __restrict h,
+                            const float* __restrict f, const float* __restrict beta,
+                            const float* __restrict W, const float* __restrict x, int64_t D,
+                            float* __restrict gx, float* __restrict gW) {
+  int64_t j = 0;
+  for (; j + kW <= D; j += kW) {
+    v8f xv[R], acc[R];
+    for (int r = 0; r < R; ++r) {
+      xv[r] = load(x + r * D + j);
+      acc[r] = -beta[r] * xv[r];
+    }
+    for (int c = 0; c < C; ++c) {
+      const v8f wv = load(W + c * D + j);
+      v8f gw = load(gW + c * D + j);
+      for (int r = 0; r < R; ++r) {
+        acc[r] += g[r * C + c] * wv;
+        gw += h[r * C + c] * xv[r];
+      }
+      store(gW + c * D + j, gw);
+    }
+    for (int r = 0; r < R; ++r) store(gx + r * D + j, f[r] * acc[r]);
+  }
+  for (; j < D; ++j) {
+    for (int r = 0; r < R; ++r) gx[r * D + j] = -beta[r] * x[r * D + j];
+    for (int c = 0; c < C; ++c) {
+      float gw = gW[c * D + j];
+      for (int r = 0; r < R; ++r) {
+        gx[r * D + j] += g[r * C + c] * W[c * D + j];
+        gw += h[r * C + c] * x[r * D + j];
+      }
+      gW[c * D + j] = gw;
+    }
+    for (int r = 0; r < R; ++r) gx[r * D + j] *= f[r];
   }
 }
 
+constexpr int kGradRows = 4;
+
 template <int C>
-UDAT_INLINE void head_grads(const float* g, const float* W, const float* x, int64_t D, float* gx,
-                       float* gW) {
-  int64_t j = 0;
-  for (; j + kW <= D; j += kW) {
-    const v8f xv = load(x + j);
-    v8f acc{};
-    for (int c = 0; c < C; ++c) {
-      acc += g[c] * load(W + c * D + j);
-      store(gW + c * D + j, load(gW + c * D + j) + g[c] * xv);
-    }
-    store(gx + j, acc);
+UDAT_INLINE void head_grads(const float* g, const float* h, const float* f, const float* beta,
+                            const float* W, const float* x, int64_t rows, int64_t D, float* gx,
+                            float* gW) {
+  int64_t r = 0;
+  for (; r + kGradRows <= rows; r += kGradRows) {
+    grads_tile<C, kGradRows>(g + r * C, h + r * C, f + r, beta + r, W, x + r * D, D, gx + r * D,
+                             gW);
   }
-  for (; j < D; ++j) {
-    float acc = 0;
-    for (int c = 0; c < C; ++c) {
-      acc += g[c] * W[c * D + j];
-      gW[c * D + j] += g[c] * x[j];
-    }
-    gx[j] = acc;
+  for (; r < rows; ++r) {
+    grads_tile<C, 1>(g + r * C, h + r * C, f + r, beta + r, W, x + r * D, D, gx + r * D, gW);
   }
 }
 
@@ -203,30 +241,35 @@ struct HeadSwitch {
 
 template <int C>
 struct HeadDots {
-  UDAT_INLINE static void run(const float* x, const float* W, int64_t D, float* z) {
-    head_dots<C>(x, W, D, z);
+  UDAT_INLINE static void run(const float* x, const float* W, int64_t D, double* z,
+                              double* sumsq) {
+    *sumsq = head_dots<C>(x, W, D, z);
   }
 };
 
 template <int C>
 struct HeadGrads {
-  UDAT_INLINE static void run(const float* g, const float* W, const float* x, int64_t D, float* gx,
-                  float* gW) {
-    head_grads<C>(g, W, x, D, gx, gW);
+  UDAT_INLINE static void run(const float* g, const float* h, const float* f, const float* beta,
+                              const float* W, const float* x, int64_t rows, int64_t D, float* gx,
+                              float* gW) {
+    head_grads<C>(g, h, f, beta, W, x, rows, D, gx, gW);
   }
 };
 
 }  // namespace
 
 UDAT_MULTIVERSION
-void small_head_dots(const float* x, const float* W, int64_t C, int64_t D, float* z) {
-  HeadSwitch<HeadDots>::run(C, x, W, D, z);
+double small_head_dots(const float* x, const float* W, int64_t C, int64_t D, double* z) {
+  double sumsq = 0;
+  HeadSwitch<HeadDots>::run(C, x, W, D, z, &sumsq);
+  return sumsq;
 }
 
 UDAT_MULTIVERSION
-void small_head_grads(const float* g, const float* W, const float* x, int64_t C, int64_t D,
+void small_head_grads(const float* g, const float* h, const float* f, const float* beta,
+                      const float* W, const float* x, int64_t rows, int64_t C, int64_t D,
                       float* gx, float* gW) {
-  HeadSwitch<HeadGrads>::run(C, g, W, x, D, gx, gW);
+  HeadSwitch<HeadGrads>::run(C, g, h, f, beta, W, x, rows, D, gx, gW);
 }
 
 UDAT_MULTIVERSION

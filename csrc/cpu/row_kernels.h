@@ -29,20 +29,27 @@ double weighted_sum(const float* z, int64_t n, const float* w);
 void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const float* w,
                   const float* col_scale);
 
-// out[j] = x[j] / d: a division, not a multiplication by 1/d, so that a row parallel to a class
-// centre gets a cosine of exactly ±1.
-void divide(const float* x, float d, float* out, int64_t n);
-
 // Σ_j a[j] b[j], accumulated in double.
 double dot(const float* a, const float* b, int64_t n);
 
-// Heads of at most kSmallHeadMax classes, one row at a time, with W (C, D) row-major:
-// z[c] = Σ_k x[k]·W[c, k] for every class in one pass over x.
-constexpr int64_t kSmallHeadMax = 16;
-void small_head_dots(const float* x, const float* W, int64_t C, int64_t D, float* z);
+// dst[j] += src[j].
+void add_into(float* dst, const float* src, int64_t n);
 
-// gx[k] = Σ_c g[c]·W[c, k] (overwritten) and gW[c, k] += g[c]·x[k], in one pass.
-void small_head_grads(const float* g, const float* W, const float* x, int64_t C, int64_t D,
+// Heads of at most kSmallHeadMax classes, one row of x at a time, W (C, D) row-major, in two
+// passes over the row:
+constexpr int64_t kSmallHeadMax = 16;
+
+// z[c] = Σ_k x[k]·W[c, k] for every class, and Σ_k x[k]² (the row's squared norm, returned).
+// The vector lanes are summed, and the last D % 8 terms accumulated, in double: with a few
+// features (D = 1: every cosine is ±1) the products are exact, so a row parallel to a class
+// centre still gives a cosine of exactly ±1, where ψ is ill-conditioned (sqrt(1 - c²)).
+double small_head_dots(const float* x, const float* W, int64_t C, int64_t D, double* z);
+
+// For `rows` consecutive rows r of x and gx (row stride D), with g and h (rows, C):
+// gx[r, k] = f[r]·(Σ_c g[r, c]·W[c, k] − beta[r]·x[r, k]) (overwritten) and
+// gW[c, k] += Σ_r h[r, c]·x[r, k], the rows added in order.
+void small_head_grads(const float* g, const float* h, const float* f, const float* beta,
+                      const float* W, const float* x, int64_t rows, int64_t C, int64_t D,
                       float* gx, float* gW);
 
 }  // namespace cpu

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../udat_ce.h"
@@ -84,34 +85,45 @@ double dot(const T* a, const T* b, int64_t n) {
 }
 double dot(const float* a, const float* b, int64_t n) { return cpu::dot(a, b, n); }
 
+// Pass 1 of the small-C pass: the row's raw dot products with every class centre, and its
+// squared norm (returned), in double (see cpu::small_head_dots).
 template <typename T>
-void divide(const T* x, T d, T* out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = x[j] / d;
+double head_dots(const T* x, const T* W, int64_t C, int64_t D, double* z) {
+  for (int64_t c = 0; c < C; ++c) z[c] = dot(x, W + c * D, D);
+  return dot(x, x, D);
 }
-void divide(const float* x, float d, float* out, int64_t n) { cpu::divide(x, d, out, n); }
-
-template <typename T>
-void head_dots(const T* x, const T* W, int64_t C, int64_t D, T* z) {
-  for (int64_t c = 0; c < C; ++c) z[c] = T(dot(x, W + c * D, D));
-}
-void head_dots(const float* x, const float* W, int64_t C, int64_t D, float* z) {
-  cpu::small_head_dots(x, W, C, D, z);
+double head_dots(const float* x, const float* W, int64_t C, int64_t D, double* z) {
+  return cpu::small_head_dots(x, W, C, D, z);
 }
 
+// Pass 2 on `rows` consecutive rows: gx_r = f_r·(Σ_c g_rc W_c − beta_r·x_r), gW_c += h_rc·x_r.
 template <typename T>
-void head_grads(const T* g, const T* W, const T* x, int64_t C, int64_t D, T* gx, T* gW) {
-  std::fill(gx, gx + D, T(0));
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t k = 0; k < D; ++k) {
-      gx[k] += g[c] * W[c * D + k];
-      gW[c * D + k] += g[c] * x[k];
+void head_grads(const T* g, const T* h, const T* f, const T* beta, const T* W, const T* x,
+                int64_t rows, int64_t C, int64_t D, T* gx, T* gW) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * D;
+    T* gr = gx + r * D;
+    for (int64_t k = 0; k < D; ++k) gr[k] = -beta[r] * xr[k];
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t k = 0; k < D; ++k) {
+        gr[k] += g[r * C + c] * W[c * D + k];
+        gW[c * D + k] += h[r * C + c] * xr[k];
+      }
     }
+    for (int64_t k = 0; k < D; ++k) gr[k] *= f[r];
   }
 }
-void head_grads(const float* g, const float* W, const float* x, int64_t C, int64_t D, float* gx,
+void head_grads(const float* g, const float* h, const float* f, const float* beta,
+                const float* W, const float* x, int64_t rows, int64_t C, int64_t D, float* gx,
                 float* gW) {
-  cpu::small_head_grads(g, W, x, C, D, gx, gW);
+  cpu::small_head_grads(g, h, f, beta, W, x, rows, C, D, gx, gW);
 }
+
+template <typename T>
+void add_into(T* dst, const T* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+}
+void add_into(float* dst, const float* src, int64_t n) { cpu::add_into(dst, src, n); }
 
 template <typename T>
 double weighted_sum(const T* z, int64_t n, const T* w) {
@@ -334,13 +346,20 @@ void finish_grad_w(const Problem<T>& P, const CeOptions& opt, at::Tensor acc) {
   });
 }
 
-// The pass for heads of a few classes: the rows are split into a fixed number of chunks (so the
-// result does not depend on the thread count), each row's logits are dot products with the C
-// class centres, and each chunk sums its share of grad W; the chunks' sums are then added in
-// order. No GEMM and no (B, D) temporary: at these sizes per-op overhead dominates.
-// At least 16 chunks, and at most 256 rows a chunk, so that float partial sums stay short.
-constexpr int64_t kSmallChunks = 16;
+// The pass for heads of a few classes: no GEMM and no (B, D) temporary, two passes over each
+// row of x (the second from L1), because at these sizes per-op overhead and memory traffic
+// dominate. Pass 1 takes the raw dot products x·W_c and |x|² together; with d = max(|x|, eps),
+// x̂·W_c = x·W_c / d. After the epilogue (z = G', the logit gradient with s/|W_c| in it):
+//   grad x̂ = Σ_c G'_c W_c, and (grad x̂ · x̂) x̂ = (Σ_c G'_c x̂·W_c / d) x, so
+//   grad x = x_scale/d · (Σ_c G'_c W_c − beta x) with beta = Σ_c G'_c x̂·W_c / d (0 when
+//   |x| < eps: no projection, as F.normalize's gradient there), and G'ᵀ x̂ += (G'_c / d) x.
+// The rows are split into a fixed number of chunks (so the result does not depend on the thread
+// count), each chunk sums its share of grad W, and the chunks' sums are added in order.
+// At least kSmallChunks chunks, and at most kSmallChunkRows rows a chunk, so that float partial
+// sums stay short.
+constexpr int64_t kSmallChunks = 8;
 constexpr int64_t kSmallChunkRows = 256;
+constexpr int64_t kGroupRows = 16;
 
 template <typename T>
 void small_pass(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out) {
@@ -350,8 +369,8 @@ void small_pass(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
       make_margin_params(opt.scale, opt.margin, opt.cos_margin, opt.straight_through));
   const T* x = P.xa.template data_ptr<T>();
   const T* w = P.wa.template data_ptr<T>();
-  const int64_t chunks =
-      std::min<int64_t>(B, std::max<int64_t>(kSmallChunks, (B + kSmallChunkRows - 1) / kSmallChunkRows));
+  const int64_t chunks = std::min<int64_t>(
+      B, std::max<int64_t>(kSmallChunks, (B + kSmallChunkRows - 1) / kSmallChunkRows));
   const bool grads = out.k != nullptr;
   const bool grad_x_direct = grads && out.grad_x.scalar_type() == st;
   at::Tensor gx_t = grads && !grad_x_direct ? at::empty({B, D}, P.xa.options()) : at::Tensor();
@@ -359,49 +378,67 @@ void small_pass(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
                                      : gx_t.template data_ptr<T>())
                     : nullptr;
   // Per chunk: its share of G'ᵀ x̂ (C·D) and of the bias gradient (C).
-  std::vector<T> partial(grads ? chunks * (C * D + C) : 0, T(0));
+  const int64_t part_size = C * D + C;
+  std::unique_ptr<T[]> partial(grads ? new T[chunks * part_size] : nullptr);
 
   at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> z(C), xh(opt.normalize ? D : 0);
+    // Pass 1 and the epilogue row by row, pass 2 for groups of rows (see cpu::small_head_grads):
+    // per row of a group its G' (g), G'/d (h), x_scale/d (f) and beta.
+    T g[kGroupRows * cpu::kSmallHeadMax], h[kGroupRows * cpu::kSmallHeadMax];
+    T f[kGroupRows], beta[kGroupRows], zc[cpu::kSmallHeadMax];
+    double dots[cpu::kSmallHeadMax];
     for (int64_t ch = lo; ch < hi; ++ch) {
-      T* gw = grads ? partial.data() + ch * (C * D + C) : nullptr;
-      for (int64_t i = ch * B / chunks; i < (ch + 1) * B / chunks; ++i) {
-        const T* xi = x + i * D;
-        const T* feats = xi;
-        T xn = 0;
-        if (opt.normalize) {
-          xn = std::sqrt(T(dot(xi, xi, D)));
-          const T d = std::max(xn, T(kNormEps));
-          divide(xi, d, xh.data(), D);
-          feats = xh.data();
+      T* gw = grads ? partial.get() + ch * part_size : nullptr;
+      if (grads) std::fill(gw, gw + part_size, T(0));
+      const int64_t end = (ch + 1) * B / chunks;
+      for (int64_t i0 = ch * B / chunks; i0 < end; i0 += kGroupRows) {
+        const int64_t rows = std::min(kGroupRows, end - i0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          T* z = g + r * C;
+          const double sumsq = head_dots(x + i * D, w, C, D, dots);
+          T xn = 0, d = 1;
+          if (opt.normalize) {
+            // x̂·W_c = x·W_c / d, divided in double (exactly ±|W_c| for a row of a few
+            // features parallel to W_c).
+            const double xn_d = std::sqrt(sumsq), d_d = std::max(xn_d, double(kNormEps));
+            xn = T(xn_d);
+            d = T(d_d);
+            for (int64_t j = 0; j < C; ++j) zc[j] = z[j] = T(dots[j] / d_d);
+          } else {
+            for (int64_t j = 0; j < C; ++j) z[j] = T(dots[j]);
+          }
+          row_epilogue(P, opt, mp, out, i, z);
+          if (!grads) continue;
+          f[r] = out.x_scale / d;
+          beta[r] = 0;
+          if (opt.normalize && xn >= T(kNormEps)) {
+            for (int64_t j = 0; j < C; ++j) beta[r] += z[j] * zc[j];
+            beta[r] /= d;
+          }
+          for (int64_t j = 0; j < C; ++j) {
+            h[r * C + j] = opt.normalize ? z[j] / d : z[j];
+            gw[C * D + j] += z[j];
+          }
         }
-        head_dots(feats, w, C, D, z.data());
-        row_epilogue(P, opt, mp, out, i, z.data());
-        if (!grads) continue;
-        // z now holds G'_ij: grad x̂_i = Σ_j G'_ij W_j, grad W += G'ᵀ x̂.
-        T* gx = gx_all + i * D;
-        head_grads(z.data(), w, feats, C, D, gx, gw);
-        for (int64_t j = 0; j < C; ++j) gw[C * D + j] += z[j];
-        if (opt.normalize) {
-          const T f = out.x_scale / std::max(xn, T(kNormEps));
-          const T proj = xn >= T(kNormEps) ? T(dot(gx, feats, D)) : T(0);
-          for (int64_t k = 0; k < D; ++k) gx[k] = (gx[k] - proj * feats[k]) * f;
-        } else if (out.x_scale != T(1)) {
-          for (int64_t k = 0; k < D; ++k) gx[k] *= out.x_scale;
-        }
+        if (grads) head_grads(g, h, f, beta, w, x + i0 * D, rows, C, D, gx_all + i0 * D, gw);
       }
     }
   });
-  if (!grads) return;
+  if (!grads || chunks == 0) return;  // an empty batch: grad W and grad b are zeros already
   if (!grad_x_direct) out.grad_x.copy_(gx_t);
   T* gw = out.grad_w_acc.template data_ptr<T>();
   T* gb = out.grad_b_acc.defined() ? out.grad_b_acc.template data_ptr<T>() : nullptr;
-  std::fill(gw, gw + C * D, T(0));
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    const T* part = partial.data() + ch * (C * D + C);
-    for (int64_t e = 0; e < C * D; ++e) gw[e] += part[e];
-    if (gb) {
-      for (int64_t j = 0; j < C; ++j) gb[j] += part[C * D + j];
+  // The chunks' sums, in chunk order, column ranges in parallel.
+  at::parallel_for(0, C * D, 4096, [&](int64_t lo, int64_t hi) {
+    std::copy(partial.get() + lo, partial.get() + hi, gw + lo);
+    for (int64_t ch = 1; ch < chunks; ++ch) {
+      add_into(gw + lo, partial.get() + ch * part_size + lo, hi - lo);
+    }
+  });
+  if (gb) {
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      for (int64_t j = 0; j < C; ++j) gb[j] += partial[ch * part_size + C * D + j];
     }
   }
 }
