@@ -130,14 +130,18 @@ def extension():
         ("UDAT_VERSION", f'"{version()}"'),
         ("UDAT_TORCH_VERSION", f'"{torch.__version__}"'),
     ]
-    cxx = ["-O3"]
+    # at::parallel_for is an OpenMP loop compiled into the caller: without -fopenmp it runs on
+    # one thread. The libgomp.so.1 it links resolves to the one torch has already loaded.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     include_dirs = [str(ROOT / "csrc")]
     archs: list[str] = []
     if not with_cuda:
         print(f"udat-kernels: building CPU kernels only (CUDA_HOME={CUDA_HOME}, "
               f"torch.version.cuda={torch.version.cuda})", file=sys.stderr)
         return CppExtension("udat_kernels._C", sources, include_dirs=include_dirs,
-                            define_macros=defines, extra_compile_args={"cxx": cxx}), archs
+                            define_macros=defines, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link), archs
     nvcc = os.path.join(CUDA_HOME or "/usr/local/cuda", "bin", "nvcc")
     requested = [a for a in os.environ.get("UDAT_CUDA_ARCHS", "8.0;9.0").split(";") if a.strip()]
     gencode, archs = gencode_flags([a.strip() for a in requested], nvcc)
@@ -149,7 +153,8 @@ def extension():
           file=sys.stderr)
     return CUDAExtension("udat_kernels._C", sources, include_dirs=include_dirs,
                          define_macros=defines,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}), archs
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},
+                         extra_link_args=link), archs
 
 
 ext, _archs = extension()
