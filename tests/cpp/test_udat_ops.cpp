@@ -88,22 +88,34 @@ static double naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return total / denom;
 }
 
-static void test_cpu_op() {
-  at::manual_seed(0);
-  const int64_t B = 9, D = 6, C = 5;
+// float64 inputs whose rows lie close to their class centre, which keeps every target cosine
+// on ψ's angular branch.
+struct Inputs {
+  at::Tensor x, w, t;
+};
+static Inputs near_centre_inputs(int64_t B, int64_t D, int64_t C, uint64_t seed) {
+  at::manual_seed(seed);
   const auto opts = at::TensorOptions().dtype(at::kDouble);
-  // Rows close to their class centre keep every target cosine on ψ's angular branch.
   at::Tensor w = at::randn({C, D}, opts);
   at::Tensor t = at::randint(0, C, {B}, at::TensorOptions().dtype(at::kLong));
-  at::Tensor x = w.index_select(0, t) + 0.3 * at::randn({B, D}, opts);
-  at::Tensor cw = at::rand({C}, opts) + 0.5;
-  auto op = c10::Dispatcher::singleton()
-                .findSchemaOrThrow("udat_kernels::margin_ce_fwd", "")
-                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                    const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-                    double, double, double, double, int64_t, int64_t, bool, bool)>();
+  return {w.index_select(0, t) + 0.3 * at::randn({B, D}, opts), w, t};
+}
+
+static auto fwd_op() {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow("udat_kernels::margin_ce_fwd", "")
+      .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+          const at::Tensor&, const at::Tensor&, const at::Tensor&,
+          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double,
+          double, double, double, int64_t, int64_t, bool, bool)>();
+}
+
+static void test_cpu_op() {
+  const int64_t C = 5;
+  auto [x, w, t] = near_centre_inputs(9, 6, C, 0);
+  at::Tensor cw = at::rand({C}, at::TensorOptions().dtype(at::kDouble)) + 0.5;
+  auto op = fwd_op();
   const double s = 16.0, m = 0.4, eps = 0.1;
   auto [loss, lse, gx, gw, gb] =
       op.call(x, w, t, std::nullopt, cw, std::nullopt, std::nullopt, true, s, m, 0.0, eps, -100,
@@ -130,20 +142,10 @@ static void test_cpu_op() {
 // The loss op's autograd (margin_ce_autograd.cpp): both ways to the gradient give the forward
 // op's gradient times the upstream one, and differentiating that gradient again raises.
 static void test_loss_op_autograd() {
-  at::manual_seed(1);
-  const int64_t B = 7, D = 5, C = 4;
+  auto [x, w, t] = near_centre_inputs(7, 5, 4, 1);
   const auto opts = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor w = at::randn({C, D}, opts);
-  at::Tensor t = at::randint(0, C, {B}, at::TensorOptions().dtype(at::kLong));
-  at::Tensor x = w.index_select(0, t) + 0.3 * at::randn({B, D}, opts);
-  auto& dispatcher = c10::Dispatcher::singleton();
-  auto fwd = dispatcher.findSchemaOrThrow("udat_kernels::margin_ce_fwd", "")
-                 .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-                     double, double, double, double, int64_t, int64_t, bool, bool)>();
-  auto loss_op = dispatcher.findSchemaOrThrow("udat_kernels::margin_ce", "")
+  auto fwd = fwd_op();
+  auto loss_op = c10::Dispatcher::singleton().findSchemaOrThrow("udat_kernels::margin_ce", "")
                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const std::optional<at::Tensor>&,
                                        const std::optional<at::Tensor>&,
