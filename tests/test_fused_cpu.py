@@ -40,7 +40,10 @@ def test_shapes_float32(B, D, C, angular):
         assert all(torch.isfinite(o).all() for o in out)
         kwargs["margin_grad"] = "straight_through"
         kwargs["grad_tol"] = (1e-5, 1e-4)
-    bias = torch.randn(C) if not angular else None
+    # Seeded like the other inputs: an unseeded bias made this test flaky (see the note in
+    # docs/benchmarks.md's caveats on the linear head at D = 1, C = 50000).
+    gen = torch.Generator().manual_seed(B * 7 + D * 3 + C)
+    bias = torch.randn(C, generator=gen) if not angular else None
     check_against_reference(fn(angular), x, w, t, angular=angular, bias=bias, **kwargs)
 
 
