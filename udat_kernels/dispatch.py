@@ -5,9 +5,9 @@ A backend is an object with
   reasons(x, weight)         list of reasons it cannot serve these tensors (empty: it can)
   grad_in_forward(B, D, C)   True to form the gradient during the forward (three GEMMs),
                              False to recompute it in the backward (see docs/design.md)
-  fwd_op, bwd_op             the torch.library ops (None for the reference backend)
   impl                       the suffix of the op pair's names that the loss op
-                             `udat_kernels::margin_ce` calls ("" for the compiled pair)
+                             `udat_kernels::margin_ce` calls ("" for the compiled pair
+                             margin_ce_fwd/_bwd; None for the reference backend)
 
 `backend="auto"` (or the UDAT_BACKEND environment variable) takes the first backend of the
 device's priority list that can serve; an explicit backend that cannot serve raises, listing why.
@@ -27,7 +27,7 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 class ReferenceBackend:
     name = "reference"
-    fwd_op = bwd_op = impl = None
+    impl = None
 
     def reasons(self, x, weight):
         return []
@@ -44,14 +44,6 @@ class CppBackend:
     def __init__(self, name: str, device_type: str):
         self.name = name
         self.device_type = device_type
-
-    @property
-    def fwd_op(self):
-        return torch.ops.udat_kernels.margin_ce_fwd.default
-
-    @property
-    def bwd_op(self):
-        return torch.ops.udat_kernels.margin_ce_bwd.default
 
     def reasons(self, x, weight):
         why = []

@@ -17,6 +17,11 @@ def _loss_dtype(x, weight):
     return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
 
 
+def _loss_like(x, weight, reduction):
+    """An empty loss: (B,) for reduction none (0), () otherwise, in the loss dtype."""
+    return x.new_empty((x.shape[0],) if reduction == 0 else (), dtype=_loss_dtype(x, weight))
+
+
 def _fwd_fake(x, weight, target, bias, class_weight, sample_weight, grl_lambda, normalize, scale,
               margin, cos_margin, label_smoothing, ignore_index, reduction, straight_through,
               compute_grad):
@@ -25,9 +30,8 @@ def _fwd_fake(x, weight, target, bias, class_weight, sample_weight, grl_lambda, 
     torch._check(target.dim() == 1 and target.shape[0] == x.shape[0],
                  lambda: "target must be (B,)")
     acc = _loss_dtype(x, weight)
-    B = x.shape[0]
-    loss = x.new_empty((B,) if reduction == 0 else (), dtype=acc)
-    lse = x.new_empty((B,), dtype=acc)
+    loss = _loss_like(x, weight, reduction)
+    lse = x.new_empty((x.shape[0],), dtype=acc)
     no_bias = x.new_empty((0,), dtype=acc)
     if not compute_grad:
         return (loss, lse, x.new_empty((0,)), weight.new_empty((0,)),
@@ -47,8 +51,7 @@ def _bwd_fake(grad_loss, x, weight, target, bias, class_weight, sample_weight, l
 def _loss_fake(x, weight, target, bias, class_weight, sample_weight, grl_lambda, normalize,
                scale, margin, cos_margin, label_smoothing, ignore_index, reduction,
                straight_through, grad_in_forward, impl):
-    B = x.shape[0]
-    return x.new_empty((B,) if reduction == 0 else (), dtype=_loss_dtype(x, weight))
+    return _loss_like(x, weight, reduction)
 
 
 def register_fakes(fwd_name: str, bwd_name: str) -> None:

@@ -39,14 +39,6 @@ class TritonBackend:
     name = "triton"
     impl = "triton"
 
-    @property
-    def fwd_op(self):
-        return torch.ops.udat_kernels.margin_ce_fwd_triton.default
-
-    @property
-    def bwd_op(self):
-        return torch.ops.udat_kernels.margin_ce_bwd_triton.default
-
     def reasons(self, x, weight):
         why = []
         if _IMPORT_ERROR is not None:
