@@ -1,4 +1,4 @@
-"""The CUDA stage of the GPU check (issue 4): sanitizer runs, paper-size, bandwidth and large-C
+"""The CUDA stage of the GPU check: sanitizer runs, paper-size, bandwidth and large-C
 figures of backend="cuda", printed row by row as they are measured.
 
     python benchmarks/gpu_cuda.py STAGE [STAGE ...] [--budget-s SECONDS]

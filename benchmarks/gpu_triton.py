@@ -1,4 +1,4 @@
-"""The Triton stage of the GPU check (issue 3, item 5): correctness, paper-size, bandwidth and
+"""The Triton stage of the GPU check: correctness, paper-size, bandwidth and
 large-C figures of backend="triton", printed row by row as they are measured.
 
     python -m benchmarks.gpu_triton [--budget-s SECONDS] [--stages correctness,paper,...]
@@ -6,7 +6,7 @@ large-C figures of backend="triton", printed row by row as they are measured.
 
 Stages, in order; each is skipped (with a line saying so) when the deadline leaves it no time:
   correctness  fp32/bf16/fp16 on a subset of the test matrix (small-C and tiled paths), against
-               the float64 reference with SPEC §2's tolerances;
+               the float64 reference with the tolerances of docs/math.md;
   paper        (64, 1024, 2) and (64, 1024, 7): kernel launches of forward+backward (target
                <= 2) and the step time by CUDA-graph replay (target <= 30 µs), vs the eager
                reference and torch.compile of it;

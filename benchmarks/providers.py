@@ -143,8 +143,8 @@ def _ours(backend: str, case: Case, seed: int) -> Built:
     if why:
         raise Unavailable(f"backend {backend!r} cannot serve: " + "; ".join(why))
     kwargs = {} if case.op == "linear" else _angular_kwargs(case)
-    # validate=False on CUDA: the target-range check syncs the host (SPEC §2); the inputs here
-    # are valid by construction and graph capture needs a sync-free step.
+    # validate=False on CUDA: the target-range check syncs the host; the inputs here are valid by
+    # construction and graph capture needs a sync-free step.
     validate = not case.device.startswith("cuda")
     return _finish(lambda: fn(x, w, t, backend=backend, validate=validate, **kwargs), [x, w],
                    case)

@@ -1,4 +1,4 @@
-// The margin math of SPEC §2, once, for the CPU and CUDA backends.
+// The margin math of docs/math.md, once, for the CPU and CUDA backends.
 //
 // Every function here is a small inline host/device function on scalars, so that the C++ CPU
 // kernels and the CUDA kernels compute exactly the same expressions. Accumulation type T is float
@@ -18,7 +18,7 @@ namespace udat {
 
 // The norm floor of F.normalize: x / max(||x||, eps).
 constexpr double kNormEps = 1e-12;
-// The floor under 1 - c^2 in the exact margin derivative (SPEC §2, backward).
+// The floor under 1 - c^2 in the exact margin derivative (docs/math.md, "ψ′ and its guard").
 constexpr double kSinFloor = 1e-12;
 
 enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
@@ -62,7 +62,7 @@ UDAT_HD T clamp_cos(T c) {
   return c < T(-1) ? T(-1) : (c > T(1) ? T(1) : c);
 }
 
-// psi(c): the target cosine with both margins (SPEC §2, forward). c is clamped first.
+// psi(c): the target cosine with both margins (docs/math.md, "The margin ψ"). c is clamped first.
 template <typename T>
 UDAT_HD T margin_psi(T c, const MarginParams<T>& p) {
   c = clamp_cos(c);
@@ -74,7 +74,7 @@ UDAT_HD T margin_psi(T c, const MarginParams<T>& p) {
   return c - p.linear_off - p.cos_margin;
 }
 
-// psi'(c) (SPEC §2, backward); the clamp is identity for the gradient.
+// psi'(c) (docs/math.md, "ψ′ and its guard"); the clamp is identity for the gradient.
 template <typename T>
 UDAT_HD T margin_dpsi(T c, const MarginParams<T>& p) {
   if (p.straight_through) return T(1);
@@ -114,7 +114,8 @@ UDAT_HD T lse_finish(T m, T sum) {
   return m + std::log(sum);
 }
 
-// Per-row coefficients of the loss and its gradient (SPEC §2), with
+// Per-row coefficients of the loss and its gradient (docs/math.md, "Cross-entropy" and "Logit
+// gradient"), with
 //   wy = class weight of the target, wsum = sum of the class weights, eps = label smoothing,
 //   C = number of classes. Both are independent of the column j.
 template <typename T>
@@ -156,7 +157,8 @@ UDAT_HD T inv_norm(T sumsq) {
   return T(1) / (n > T(kNormEps) ? n : T(kNormEps));
 }
 
-// Whether the norm is at least eps, i.e. whether the gradient is projected (SPEC §2).
+// Whether the norm is at least eps, i.e. whether the gradient is projected (docs/math.md,
+// "Through the normalization").
 template <typename T>
 UDAT_HD bool norm_projects(T sumsq) {
   return std::sqrt(sumsq) >= T(kNormEps);

@@ -1,5 +1,6 @@
-"""Shared test helpers: inputs with controlled target cosines, SPEC §2's closeness, and running a
-loss function forward and backward against the float64 reference."""
+"""Shared test helpers: inputs with controlled target cosines, the closeness rule of docs/math.md
+("Closeness and tolerances"), and running a loss function forward and backward against the
+float64 reference."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 
 from udat_kernels import reference
 
-# (rtol, atol) of SPEC §2, per input dtype (the lower precision of x and weight decides).
+# (rtol, atol) per input dtype, the lower precision of x and weight deciding (docs/math.md,
+# "Closeness and tolerances").
 TOLERANCES = {
     torch.float64: (1e-10, 1e-12),
     torch.float32: (1e-5, 1e-6),
@@ -29,7 +31,7 @@ def tolerance(*dtypes):
 
 
 def spec_error(actual, expected, rtol, atol, what=""):
-    """(error, bound) of SPEC §2's closeness: ‖a − b‖ ≤ rtol·‖b‖ + atol·sqrt(numel), with NaN
+    """(error, bound) of the closeness rule: ‖a − b‖ ≤ rtol·‖b‖ + atol·sqrt(numel), with NaN
     required exactly where b is NaN."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     a = actual.detach().to(torch.float64).cpu()
@@ -43,7 +45,7 @@ def spec_error(actual, expected, rtol, atol, what=""):
 
 
 def assert_close_spec(actual, expected, rtol, atol, what="", torch_own=None):
-    """SPEC §2's closeness. Where the problem itself is ill-conditioned (a softmax gradient that
+    """The closeness rule. Where the problem itself is ill-conditioned (a softmax gradient that
     cancels over 10^4+ classes), PyTorch's own result in the same dtype misses the bound too; then
     `torch_own` (that result) allows twice its error, the second look flash-attention takes."""
     err, bound = spec_error(actual, expected, rtol, atol, what)
@@ -60,7 +62,8 @@ def assert_close_spec(actual, expected, rtol, atol, what="", torch_own=None):
 
 
 # Target cosines used by the random tests: |c| <= 0.95 and away from the margin's jump at
-# cos(pi - m) (m = 0.5 by default) so that the exact gradient is well conditioned (SPEC §2).
+# cos(pi - m) (m = 0.5 by default) so that the exact gradient is well conditioned (docs/math.md,
+# "ψ′ and its guard").
 def safe_cosines(n, generator, margin=0.5, gap=0.06):
     jump = math.cos(math.pi - margin)
     c = torch.empty(n, dtype=torch.float64)
@@ -76,7 +79,7 @@ def safe_cosines(n, generator, margin=0.5, gap=0.06):
 def make_inputs(B, D, C, *, x_dtype=torch.float32, w_dtype=torch.float32, seed=0,
                 target_cos=None, margin=0.5, ignore_rows=(), device="cpu"):
     """Random (x, weight, target) with random norms. With D >= 2 the target cosines are placed
-    (SPEC-safe values by default, or the given `target_cos`)."""
+    (values away from |c| = 1 and the margin's jump by default, or the given `target_cos`)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(C, D, generator=g, dtype=torch.float64)
     w = w * (0.5 + torch.rand(C, 1, generator=g, dtype=torch.float64) * 2)

@@ -105,7 +105,8 @@ def test_torch_compile_fullgraph(kind):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_retain_graph_twice(reduction):
-    """Repeated backward must not be disturbed by the saved gradient (SPEC §2, Memory)."""
+    """Repeated backward must not be disturbed by the saved gradient (docs/math.md, "What is
+    differentiable")."""
     x, w, t = make_inputs(7, 6, 4, seed=25)
     x.requires_grad_()
     w.requires_grad_()
@@ -172,7 +173,8 @@ def test_no_grad_skips_gradient_work():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_region(dtype):
-    """Under autocast the op runs on the dtypes it is given, in fp32 arithmetic (SPEC §2)."""
+    """Under autocast the op runs on the dtypes it is given, in fp32 arithmetic (docs/math.md,
+    "Dtypes and accumulation")."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(12, 10)
     head = torch.randn(5, 10, requires_grad=True)

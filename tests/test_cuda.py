@@ -1,5 +1,5 @@
-"""The CUDA C++ backend against the float64 reference (SPEC §2), for both public functions, every
-dtype and keyword, on each of its paths: the fused small-C kernel in one block (small batches)
+"""The CUDA C++ backend against the float64 reference (docs/math.md), for both public functions,
+every dtype and keyword, on each of its paths: the fused small-C kernel in one block (small batches)
 and over several blocks with partials, and the GEMM row blocks of the large-C path (forced on
 small shapes, in one block and in several). Also: CUDA-graph capture with validate=False, no host
 synchronization, reproducible grad W, bad targets that never read out of bounds.

@@ -1,5 +1,5 @@
-"""The C++ CPU backend against the float64 reference (SPEC §2): shapes, dtypes, every keyword,
-row-block boundaries, extremes of the cosine, zero vectors, empty and NaN inputs."""
+"""The C++ CPU backend against the float64 reference (docs/math.md): shapes, dtypes, every
+keyword, row-block boundaries, extremes of the cosine, zero vectors, empty and NaN inputs."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def test_shapes_float32(B, D, C, angular):
     kwargs = {"backend": "cpu"}
     if angular and D == 1:
         # With one feature every cosine is ±1, where the exact margin derivative is unbounded
-        # (SPEC §2): check the straight-through gradient, and the exact one for finiteness. The
+        # (docs/math.md, "ψ′ and its guard"): check the straight-through gradient, and the exact
+        # one for finiteness. The
         # true gradient is 0 (the projection removes everything), so what remains is float32
         # cancellation of terms of size s/|v|: an absolute bound.
         out = run_loss(ANGULAR, x, w, t, backend="cpu")

@@ -1,4 +1,5 @@
-"""λ schedules, gradient reversal and the nn modules (SPEC §3, issue 2 item 3)."""
+"""λ schedules, gradient reversal and the nn modules (docs/math.md, "Fused gradient reversal"
+and "λ schedules")."""
 
 import math
 
@@ -12,7 +13,7 @@ from udat_kernels.schedules import ConstantLambda, GaninLambda, WarmStartLambda
 
 
 def close(a, b, rtol=1e-5, atol=1e-6):
-    """SPEC §2's closeness: ‖a − b‖ ≤ rtol·‖b‖ + atol·sqrt(numel)."""
+    """The closeness rule of docs/math.md: ‖a − b‖ ≤ rtol·‖b‖ + atol·sqrt(numel)."""
     a, b = a.double(), b.double()
     return (a - b).norm() <= rtol * b.norm() + atol * math.sqrt(b.numel())
 

@@ -1,5 +1,5 @@
-"""The Triton backend against the float64 reference (SPEC §2), on CUDA or, without a GPU, on CPU
-tensors through the Triton interpreter. Three launch paths are forced in turn: one program with
+"""The Triton backend against the float64 reference (docs/math.md), on CUDA or, without a GPU, on
+CPU tensors through the Triton interpreter. Three launch paths are forced in turn: one program with
 grad weight written directly (the paper's batch), several programs with partials reduced by a
 second kernel, and the tiled large-C path (in several row chunks)."""
 
@@ -143,8 +143,8 @@ def test_target_cosines_near_one(path, cos):
 
 @pytest.mark.parametrize("cos", [1.0, -1.0])
 def test_target_cosines_at_one(path, cos):
-    # At |c| = 1 the exact derivative is unbounded (SPEC §2): finite results; straight-through
-    # is checked against the reference.
+    # At |c| = 1 the exact derivative is unbounded (docs/math.md, "ψ′ and its guard"): finite
+    # results; straight-through is checked against the reference.
     x, w, t = _inputs(18, 16, 7, seed=2, target_cos=cos)
     out = run_loss(ANGULAR, x, w, t, backend="triton")
     assert all(torch.isfinite(o).all() for o in out)

@@ -1,4 +1,4 @@
-"""Bad input raises a Python exception that names the argument (SPEC §2, §6) — never a crash and
+"""Bad input raises a Python exception that names the argument (docs/math.md) — never a crash and
 never a silently wrong number — both through the public functions and at the ops themselves."""
 
 from __future__ import annotations

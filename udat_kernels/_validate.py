@@ -1,4 +1,4 @@
-"""Argument checks of the public functions (SPEC §2, "Validation").
+"""Argument checks of the public functions (the arguments of docs/math.md, "The op").
 
 Every failure is a ValueError or TypeError whose message starts with the argument's name. The
 static checks (shapes, dtypes, devices, scalar ranges) cost no device work. The data-dependent ones

@@ -1,4 +1,5 @@
-"""Gradient reversal (SPEC §3): the plain layer, and one fused into a linear layer's backward GEMM.
+"""Gradient reversal (docs/math.md, "Fused gradient reversal"): the plain layer, and one fused
+into a linear layer's backward GEMM.
 
 `grad_reverse(x, λ)` is the GRL of Ganin & Lempitsky: identity forward, −λ·grad backward.
 `reversed_linear(x, W, b, λ)` is x·Wᵀ + b whose input gradient is formed directly as

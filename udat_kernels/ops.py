@@ -117,7 +117,7 @@ def angular_margin_cross_entropy(x, weight, target, *, scale=64.0, margin=0.5, c
                                  class_weight=None, sample_weight=None, label_smoothing=0.0,
                                  ignore_index=-100, reduction="mean", grl_lambda=None,
                                  margin_grad="exact", backend="auto", validate=True):
-    """Fused ArcFace/CosFace cross-entropy over cosine logits (SPEC §2).
+    """Fused ArcFace/CosFace cross-entropy over cosine logits (docs/math.md).
 
     Args:
         x: (B, D) features; weight: (C, D) class centres (float32/float16/bfloat16/float64,
@@ -144,7 +144,7 @@ def angular_margin_cross_entropy(x, weight, target, *, scale=64.0, margin=0.5, c
 def linear_cross_entropy(x, weight, target, *, bias=None, class_weight=None, sample_weight=None,
                          label_smoothing=0.0, ignore_index=-100, reduction="mean",
                          grl_lambda=None, backend="auto", validate=True):
-    """Fused softmax cross-entropy of the plain logits x·Wᵀ + b (SPEC §2, linear head).
+    """Fused softmax cross-entropy of the plain logits x·Wᵀ + b (docs/math.md, linear head).
 
     The same keywords as angular_margin_cross_entropy, plus `bias` (C,), minus the margins.
     """

@@ -1,9 +1,9 @@
-"""Reference implementation of the fused losses, in plain PyTorch, straight from SPEC §2.
+"""Reference implementation of the fused losses, in plain PyTorch, straight from docs/math.md.
 
 This is the ground truth that every backend is tested against (in float64) and the eager baseline
 that benchmarks compare with. It forms the full (B, C) logits, so it is for tests and small sizes.
-Autograd through it gives SPEC §2's gradient, except that the margin's derivative is the exact one
-written by hand below, so that `margin_grad="straight_through"` can be expressed too.
+Autograd through it gives the gradient of docs/math.md, except that the margin's derivative is the
+exact one written by hand below, so that `margin_grad="straight_through"` can be expressed too.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ SIN_FLOOR = 1e-12
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64, float32 otherwise (SPEC §2's loss dtype)."""
+    """float64 when any input is float64, float32 otherwise (the loss dtype of docs/math.md)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def margin_psi(c: torch.Tensor, margin: float, cos_margin: float) -> torch.Tensor:
-    """psi(c) of SPEC §2 on clamped cosines (no gradient attached)."""
+    """psi(c) (docs/math.md, "The margin ψ") on clamped cosines (no gradient attached)."""
     c = c.clamp(-1.0, 1.0)
     angular = c * math.cos(margin) - (1.0 - c * c).clamp_min(0.0).sqrt() * math.sin(margin)
     linear = c - margin * math.sin(margin)
@@ -33,7 +33,7 @@ def margin_psi(c: torch.Tensor, margin: float, cos_margin: float) -> torch.Tenso
 
 
 def margin_dpsi(c: torch.Tensor, margin: float, straight_through: bool) -> torch.Tensor:
-    """psi'(c) of SPEC §2; ones for the straight-through gradient."""
+    """psi'(c) (docs/math.md, "ψ′ and its guard"); ones for the straight-through gradient."""
     if straight_through:
         return torch.ones_like(c)
     c = c.clamp(-1.0, 1.0)
@@ -42,7 +42,7 @@ def margin_dpsi(c: torch.Tensor, margin: float, straight_through: bool) -> torch
 
 
 class _TargetMargin(torch.autograd.Function):
-    """c -> psi(c) with SPEC §2's derivative (the clamp is identity for the gradient)."""
+    """c -> psi(c) with the derivative of docs/math.md (the clamp is identity for the gradient)."""
 
     @staticmethod
     def forward(ctx, c, margin, cos_margin, straight_through):
@@ -66,7 +66,7 @@ def cosine_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _cross_entropy_from_logits(z, target, *, class_weight, sample_weight, label_smoothing,
                                ignore_index, reduction):
-    """SPEC §2's weighted, smoothed cross-entropy of logits z (B, C)."""
+    """The weighted, smoothed cross-entropy of logits z (B, C)."""
     B, C = z.shape
     acc = z.dtype
     valid = target != ignore_index
@@ -96,7 +96,7 @@ def angular_margin_cross_entropy(x, weight, target, *, scale=64.0, margin=0.5, c
                                  class_weight=None, sample_weight=None, label_smoothing=0.0,
                                  ignore_index=-100, reduction="mean", grl_lambda=None,
                                  margin_grad="exact"):
-    """Eager ArcFace/CosFace cross-entropy (SPEC §2) over the full (B, C) logits.
+    """Eager ArcFace/CosFace cross-entropy (docs/math.md) over the full (B, C) logits.
 
     x (B, D), weight (C, D), target (B,) int64. Returns the loss in float32 (float64 when an input
     is float64); reduction "none" gives (B,).
@@ -121,7 +121,8 @@ def angular_margin_cross_entropy(x, weight, target, *, scale=64.0, margin=0.5, c
 def linear_cross_entropy(x, weight, target, *, bias=None, class_weight=None, sample_weight=None,
                          label_smoothing=0.0, ignore_index=-100, reduction="mean",
                          grl_lambda=None):
-    """Eager softmax cross-entropy of x·Wᵀ + b (SPEC §2, linear head), fp32/fp64 accumulation."""
+    """Eager softmax cross-entropy of x·Wᵀ + b (docs/math.md, linear head), fp32/fp64
+    accumulation."""
     if grl_lambda is not None:
         x = grad_reverse(x, grl_lambda)
     acc = _acc_dtype(x, weight, *([bias] if bias is not None else []))

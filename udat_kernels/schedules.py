@@ -1,4 +1,4 @@
-"""λ schedules for gradient reversal (SPEC §3).
+"""λ schedules for gradient reversal (docs/math.md, "λ schedules").
 
 A schedule is a small object with `lambda_at(step, total_steps) -> float`. Modules that hold one
 (`udat_kernels.nn.GradientReversal`, `ReversedLinear`, `DomainClassifier`) are told the training

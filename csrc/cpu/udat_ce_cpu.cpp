@@ -1,9 +1,9 @@
 // CPU kernels of the fused cross-entropy ops.
 //
-// Design (SPEC §2, "row blocks"): rows of x are taken in blocks whose logits over all C classes
-// fit a memory budget. Per block: one GEMM forms the logits, a fused epilogue applies scale and
-// margin, the log-sum-exp, the loss and the logit gradient G in place, and two more GEMMs turn G
-// into grad x (for the block) and grad W (accumulated). Three GEMMs for loss and gradient, never a
+// Design (docs/design.md, "Memory": row blocks): rows of x are taken in blocks whose logits
+// over all C classes fit a memory budget. Per block: one GEMM forms the logits, a fused
+// epilogue applies scale and margin, the log-sum-exp, the loss and the logit gradient G in
+// place, and two more GEMMs turn G into grad x (for the block) and grad W (accumulated). Three GEMMs for loss and gradient, never a
 // B×C tensor, and no normalized copy of W: the column scale 1/|W_j| is folded into the epilogue.
 //   angular: z_ij = s·c_ij with c_ij = x̂_i·W_j/|W_j|, so with G'_ij = G_ij/|W_j|
 //            gx̂ = G' W  and  Σ_i G_ij x̂_i / |W_j| = (G'ᵀ x̂)_j  (the projection is linear).

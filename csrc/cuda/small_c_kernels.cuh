@@ -10,7 +10,8 @@
 // Blocks write their grad ŵ and per-class sums as partials, which a second kernel (or, for a
 // single block, the same one) adds in a fixed order: no float atomics, reproducible results.
 //
-// Identities used (SPEC §2), with t_i = Σ_j G_ij c_ij = gx̂_i·x̂_i and q_j = Σ_i G_ij c_ij = gŵ_j·ŵ_j:
+// Identities used (docs/math.md, "Through the normalization"), with t_i = Σ_j G_ij c_ij = gx̂_i·x̂_i
+// and q_j = Σ_i G_ij c_ij = gŵ_j·ŵ_j:
 //   grad x_i = (gx̂_i − t_i x̂_i) / |x_i|,   grad W_j = (gŵ_j − q_j ŵ_j) / |W_j|.
 #pragma once
 

@@ -1,4 +1,5 @@
-"""The Triton backend: fused margin cross-entropy kernels run by Triton (SPEC §4).
+"""The Triton backend: fused margin cross-entropy kernels run by Triton (docs/design.md,
+"Dispatch").
 
 Read top-down: `_common` (margin math, shared jit helpers), `small_c` (the single-pass kernel for
 heads of up to 16 classes), `tiled` (tl.dot tiles, for larger heads up to 10^7 classes), `launch`

@@ -1,4 +1,4 @@
-"""Shared pieces of the Triton kernels: the margin math of SPEC §2 and launch heuristics.
+"""Shared pieces of the Triton kernels: the margin math of docs/math.md and launch heuristics.
 
 The `@triton.jit` helpers mirror csrc/margin_math.h expression for expression, so that the Triton,
 CPU and CUDA backends compute the same float32 numbers. Everything here is imported only when
@@ -47,7 +47,8 @@ def cast_rn(v, dtype: tl.constexpr):
 
 @triton.jit
 def margin_psi(c, cos_m, sin_m, threshold, linear_off, cos_margin):
-    """psi(c) of SPEC §2 on the clamped cosine: angular branch above cos(pi - m2), linear below."""
+    """psi(c) (docs/math.md, "The margin ψ") on the clamped cosine: angular branch above
+    cos(pi - m2), linear below."""
     c = tl.minimum(tl.maximum(c, -1.0), 1.0)
     sin_t = tl.sqrt(tl.maximum(1.0 - c * c, 0.0))
     angular = c * cos_m - sin_t * sin_m - cos_margin
@@ -57,7 +58,8 @@ def margin_psi(c, cos_m, sin_m, threshold, linear_off, cos_margin):
 
 @triton.jit
 def margin_dpsi(c, cos_m, sin_m, threshold):
-    """psi'(c) of SPEC §2 (exact gradient); the clamp is identity for the gradient."""
+    """psi'(c), the exact gradient (docs/math.md, "ψ′ and its guard"); the clamp is identity
+    for the gradient."""
     c = tl.minimum(tl.maximum(c, -1.0), 1.0)
     sin2 = tl.maximum(1.0 - c * c, 1e-12)
     return tl.where(c > threshold, cos_m + c * sin_m / tl.sqrt(sin2), 1.0)
@@ -66,7 +68,8 @@ def margin_dpsi(c, cos_m, sin_m, threshold):
 @triton.jit
 def row_scale(target_ptr, sw_ptr, gloss_ptr, rows, row_ok, B, C, ignore_index, inv_denom,
               HAS_SW: tl.constexpr, HAS_GLOSS: tl.constexpr, REDUCTION: tl.constexpr):
-    """k_i of SPEC §2 for a block of rows: v_i x upstream gradient (/ the mean's denominator).
+    """k_i (docs/math.md, "Logit gradient") for a block of rows: v_i x upstream gradient (/ the
+    mean's denominator).
 
     Zero for padding rows, ignored rows and rows whose target is out of range, so that they
     contribute no gradient. Returns (target, valid, in_range, v, k), each (BLOCK,).

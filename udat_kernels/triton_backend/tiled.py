@@ -1,8 +1,8 @@
 """Large-C path (10^4 to 10^7 classes): logits tiles from tl.dot, never a B×C tensor.
 
-Of SPEC §2's two designs this takes the first: row chunks whose logits over all classes fit a
-memory budget (LOGITS_BUDGET_BYTES), with the gradient formed in the same pass — three GEMMs
-(logits, grad x, grad W). The second design (class tiles, online log-sum-exp, no logits buffer)
+Of the two memory designs (docs/design.md, "Memory") this takes the first: row chunks whose
+logits over all classes fit a memory budget (LOGITS_BUDGET_BYTES), with the gradient formed in
+the same pass — three GEMMs (logits, grad x, grad W). The second design (class tiles, online log-sum-exp, no logits buffer)
 needs a fourth GEMM, because grad x and grad W are reductions over different axes and cannot both
 be accumulated by one tiling without atomics; at C = 10^5..10^6 and D = 512 the GEMMs dominate,
 so a third more GEMM work costs more than writing and re-reading a bounded chunk of logits.
