@@ -36,7 +36,7 @@ $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES) pyproject.toml
 
 # The offline UDAT-AS experiment: mnist5k -> digits, five methods, three seeds (docs/experiments.md).
 demo: setup
-	$(PY) -m udat_kernels.experiment --source mnist5k --target digits --seeds 0 1 2 --epochs 10 \
+	$(PY) -m udat_kernels.udat.experiment --source mnist5k --target digits --seeds 0 1 2 --epochs 10 \
 	  --lr 0.03 --momentum 0.9 --lambda 0.1 --threads 2 --out runs/demo
 
 test: setup pytest ctest

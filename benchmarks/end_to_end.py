@@ -32,9 +32,9 @@ class Unavailable(Exception):
 
 def _model(preset: str, device: str, seed: int):
     try:
-        from udat_kernels.models import build_model
+        from udat_kernels.udat.models import build_model
     except Exception as e:  # noqa: BLE001 - the training engineer's module may not be there
-        raise Unavailable(f"udat_kernels.models is not importable ({e})") from e
+        raise Unavailable(f"udat_kernels.udat.models is not importable ({e})") from e
     torch.manual_seed(seed)
     model = build_model(NUM_CLASSES, preset=preset, domain_head="angular", lambda_=1.0)
     return model.to(device)

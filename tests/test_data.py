@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from udat_kernels.data import (EXPRESSIONS, DataFormatError, load_digits, load_domain,
-                               load_fer2013, load_folder, load_mnist5k, load_rafdb, to_input)
-from udat_kernels.data.classes import RAFDB_TO_CANONICAL, folder_classes
+from udat_kernels.udat.data import (EXPRESSIONS, DataFormatError, load_digits, load_domain,
+                                    load_fer2013, load_folder, load_mnist5k, load_rafdb,
+                                    to_input)
+from udat_kernels.udat.data.classes import RAFDB_TO_CANONICAL, folder_classes
 
 FER_ROWS = [(0, "Training"), (3, "Training"), (6, "Training"), (5, "PublicTest"),
             (2, "PrivateTest"), (1, "PrivateTest")]

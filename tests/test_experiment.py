@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from udat_kernels.experiment import _method_row
-from udat_kernels.experiment import main as experiment_main
-from udat_kernels.training.cli import main as train_main
+from udat_kernels.udat.experiment import _method_row
+from udat_kernels.udat.experiment import main as experiment_main
+from udat_kernels.udat.training.cli import main as train_main
 
 TINY = ["--width", "0.0625", "--epochs", "2", "--lr", "0.01", "--momentum", "0.9",
         "--tsne-points", "20", "--quiet"]
@@ -81,7 +81,7 @@ def test_train_cli_and_resume(folders, tmp_path, capsys):
 
 
 def test_module_entry_point_help():
-    out = subprocess.run([sys.executable, "-m", "udat_kernels.experiment", "--help"],
+    out = subprocess.run([sys.executable, "-m", "udat_kernels.udat.experiment", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--lambda-sweep" in out.stdout
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from udat_kernels.models import UDATVGG, VGGConfig, build_model, load_pretrained
+from udat_kernels.udat.models import UDATVGG, VGGConfig, build_model, load_pretrained
 from udat_kernels.nn import DomainClassifier
 
 TINY = dict(width=1 / 16, input_size=32, fc=(32, 32, 16), domain_hidden=(16, 16))

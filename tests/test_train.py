@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from udat_kernels.data import Domain, load_digits
-from udat_kernels.training import TrainConfig, Trainer
-from udat_kernels.training.checkpoint import atomic_save
-from udat_kernels.training.streams import BatchStream
+from udat_kernels.udat.data import Domain, load_digits
+from udat_kernels.udat.training import TrainConfig, Trainer
+from udat_kernels.udat.training.checkpoint import atomic_save
+from udat_kernels.udat.training.streams import BatchStream
 
 
 @pytest.fixture(scope="module")

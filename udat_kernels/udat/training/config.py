@@ -35,7 +35,7 @@ SCHEDULES = ("ganin", "constant", "warm_start")
 class TrainConfig:
     """One run. Defaults follow the paper's optimiser (SGD, lr 0.001, batch 64 + 64, s = 64).
 
-    model / width / input_size / batch_norm: a preset of `udat_kernels.models.PRESETS` and
+    model / width / input_size / batch_norm: a preset of `udat_kernels.udat.models.PRESETS` and
     overrides of its fields (None keeps the preset's value).
     lambda_max, schedule: λ reaches lambda_max (Ganin's ramp), or is constant.
     select: the criterion choosing the reported epoch — source_val (accuracy on a held-out

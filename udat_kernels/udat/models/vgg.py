@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from ..nn import DomainClassifier
-from ..ops import linear_cross_entropy
+from udat_kernels.nn import DomainClassifier
+from udat_kernels.ops import linear_cross_entropy
 
 __all__ = ["VGGConfig", "PRESETS", "UDATVGG", "build_model", "VGG16_CONV"]
 

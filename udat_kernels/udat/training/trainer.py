@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..data import Domain, ImageSet, to_input
 from ..data.imageset import stratified_split
 from ..models import build_model, load_pretrained
-from ..schedules import ConstantLambda, GaninLambda, WarmStartLambda
+from udat_kernels.schedules import ConstantLambda, GaninLambda, WarmStartLambda
 from .checkpoint import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint
 from .config import TrainConfig
 from .evaluate import accuracy_report, autocast_context, mean_entropy, predict
