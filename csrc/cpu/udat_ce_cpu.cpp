@@ -263,7 +263,10 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
     const T shift = std::isinf(m) ? T(0) : m;  // all -inf: keep lse = -inf, not NaN
     // Sums over up to millions of classes are accumulated in double (a float accumulator
     // drifts by ~sqrt(C) ulps).
-    lse = shift + T(std::log(exp_sum(z, C, shift)));
+    // With an infinite maximum, lse is that infinity (as torch.logsumexp gives, docs/math.md,
+    // "Non-finite inputs"), or NaN when the row also holds a NaN: the vectorized exp saturates
+    // at exp(±88), so lse = m + log(sum) rather than the sum alone must say so.
+    lse = m + T(std::log(exp_sum(z, C, shift)));
     out.lse[i] = lse;
   }
 

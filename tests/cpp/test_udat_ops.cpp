@@ -52,6 +52,103 @@ static void test_margin_math() {
   CHECK_NEAR(udat::lse_finish(m1, s1), std::log(direct), 1e-12);
 }
 
+// log-sum-exp of `zs` by the butterfly the CUDA kernels use: lane l starts from its own values
+// (lanes at or beyond zs.size() hold the empty partial), then merges with lane l ^ o for
+// o = 16, 8, 4, 2, 1. Returns lane `lane`'s result, so every lane can be checked.
+static double butterfly_lse(const std::vector<double>& zs, int lane) {
+  constexpr int kLanes = 32;
+  double m[kLanes], s[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    m[l] = -INFINITY;
+    s[l] = 0;
+    for (size_t j = l; j < zs.size(); j += kLanes) udat::lse_push(m[l], s[l], zs[j]);
+  }
+  for (int o = kLanes / 2; o > 0; o >>= 1) {
+    double m2[kLanes], s2[kLanes];
+    for (int l = 0; l < kLanes; ++l) m2[l] = m[l ^ o], s2[l] = s[l ^ o];
+    for (int l = 0; l < kLanes; ++l) udat::lse_merge(m[l], s[l], m2[l], s2[l]);
+  }
+  return udat::lse_finish(m[lane], s[lane]);
+}
+
+static double push_lse(const std::vector<double>& zs) {
+  double m = -INFINITY, s = 0;
+  for (double z : zs) udat::lse_push(m, s, z);
+  return udat::lse_finish(m, s);
+}
+
+#define CHECK_SAME(a, b)                                                                  \
+  do {                                                                                    \
+    const double _a = (a), _b = (b);                                                      \
+    const bool same = (std::isnan(_a) && std::isnan(_b)) || _a == _b ||                   \
+                      std::fabs(_a - _b) <= 1e-12 * (1.0 + std::fabs(_b));                \
+    if (!same) {                                                                          \
+      std::printf("FAIL %s:%d: %s = %.12g, expected %.12g\n", __FILE__, __LINE__, #a, _a, \
+                  _b);                                                                    \
+      ++failures;                                                                         \
+    }                                                                                     \
+  } while (0)
+
+// Non-finite values in the online log-sum-exp follow torch.logsumexp (docs/math.md,
+// "Non-finite inputs"), whichever lane or position holds them.
+static void test_lse_non_finite() {
+  const double inf = INFINITY, nan = NAN;
+  // torch.logsumexp of each row, written out.
+  struct Case {
+    std::vector<double> zs;
+    double expected;
+  };
+  std::vector<Case> cases = {
+      {{1.0, inf, 2.0}, inf},
+      {{inf, inf, 3.0}, inf},
+      {{-inf, -inf, -inf}, -inf},
+      {{-inf, 0.0, -inf}, 0.0},
+      {{1.0, nan, 2.0}, nan},
+      {{nan, inf, 2.0}, nan},
+      {{inf, nan}, nan},
+      {{-inf, nan}, nan},
+      {{5.0}, 5.0},
+  };
+  // A row of 70 values (several per lane, some lanes empty after the merge order) with one
+  // special value at every position in turn.
+  for (double special : {nan, inf}) {
+    for (int pos = 0; pos < 70; ++pos) {
+      std::vector<double> zs(70);
+      for (int j = 0; j < 70; ++j) zs[j] = 0.01 * j - 0.3;
+      zs[pos] = special;
+      cases.push_back({zs, special});
+    }
+  }
+  {  // two +inf in different lanes, and a NaN in a lane whose max is not the largest
+    std::vector<double> zs(40, 1.0);
+    zs[3] = inf, zs[20] = inf;
+    cases.push_back({zs, inf});
+    std::vector<double> zn(40, 1.0);
+    zn[7] = 50.0, zn[12] = nan;
+    cases.push_back({zn, nan});
+  }
+  for (const auto& c : cases) {
+    CHECK_SAME(push_lse(c.zs), c.expected);
+    for (int lane : {0, 5, 31}) CHECK_SAME(butterfly_lse(c.zs, lane), c.expected);
+    // Merged from two halves in both orders, and with empty partials on either side.
+    for (size_t cut = 0; cut <= c.zs.size(); ++cut) {
+      double m1 = -INFINITY, s1 = 0, m2 = -INFINITY, s2 = 0;
+      for (size_t j = 0; j < cut; ++j) udat::lse_push(m1, s1, c.zs[j]);
+      for (size_t j = cut; j < c.zs.size(); ++j) udat::lse_push(m2, s2, c.zs[j]);
+      double ma = m1, sa = s1, mb = m2, sb = s2;
+      udat::lse_merge(ma, sa, m2, s2);
+      udat::lse_merge(mb, sb, m1, s1);
+      CHECK_SAME(udat::lse_finish(ma, sa), c.expected);
+      CHECK_SAME(udat::lse_finish(mb, sb), c.expected);
+    }
+  }
+  // The empty partial is neutral and merging two empties stays empty.
+  double m = -INFINITY, s = 0;
+  udat::lse_merge(m, s, -double(INFINITY), 0.0);
+  CHECK_SAME(m, -INFINITY);
+  CHECK_SAME(s, 0.0);
+}
+
 // loss of the angular head by plain loops: mean reduction, class weights, smoothing.
 static double naive_loss(const at::Tensor& x, const at::Tensor& w, const at::Tensor& t,
                          const at::Tensor& cw, double s, double m, double eps) {
@@ -179,6 +276,7 @@ static void test_loss_op_autograd() {
 
 int main() {
   test_margin_math();
+  test_lse_non_finite();
   test_cpu_op();
   test_loss_op_autograd();
   if (failures) {
