@@ -24,9 +24,10 @@ $(DEPS_STAMP): requirements-dev.txt
 	touch $@
 
 # The first build is the editable install (package, console scripts, udat_kernels._C in place);
-# after a source change only the extension is rebuilt.
+# after a source change only the extension is rebuilt, after a change of pyproject.toml (console
+# scripts, dependencies) the editable install is redone.
 $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES) pyproject.toml
-	if [ -f $(VENV)/.editable ]; then \
+	if [ -f $(VENV)/.editable ] && [ $(VENV)/.editable -nt pyproject.toml ]; then \
 	  $(PY) setup.py --quiet build_ext --inplace; \
 	else \
 	  $(PY) -m pip install --quiet --no-build-isolation --no-deps -e . && touch $(VENV)/.editable; \
