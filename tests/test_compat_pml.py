@@ -77,6 +77,9 @@ def check_same(kind, B, D, C, *, seed=0, ctor=None, target_cos=None, margin_rad=
 @pytest.mark.parametrize("name", ["ArcFaceLoss", "CosFaceLoss"])
 def test_constructor_signature_is_pml(name):
     assert inspect.signature(getattr(ours, name)) == inspect.signature(getattr(pml_losses, name))
+    for method in ("forward", "get_logits"):
+        assert (inspect.signature(getattr(getattr(ours, name), method))
+                == inspect.signature(getattr(getattr(pml_losses, name), method)))
     theirs, mine = make_pair("arc" if name == "ArcFaceLoss" else "cos", 10, 6)
     assert isinstance(mine, getattr(pml_losses, name))
     assert (mine.margin, mine.scale, mine.num_classes) == (theirs.margin, theirs.scale,
