@@ -68,10 +68,12 @@ def launch(scenario: str, world: int, out: Path, timeout_s: float = 60.0):
 # ---------------------------------------------------------------------------------------------
 
 def _global_data(B_rows, C, D, dtype, seed, ignore=()):
+    """The global batch and head; bfloat16 means bfloat16 embeddings with float32 centres."""
     from helpers import make_inputs
 
     B = sum(B_rows)
-    x, w, t = make_inputs(B, D, C, x_dtype=dtype, w_dtype=dtype, seed=seed)
+    w_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    x, w, t = make_inputs(B, D, C, x_dtype=dtype, w_dtype=w_dtype, seed=seed)
     for i in ignore:
         if i < B:
             t[i] = -100
@@ -108,6 +110,8 @@ CASES = {
         {"label_smoothing": 0.2, "class_weight": "C"}, {"sw": True}),
     "fewer_classes_than_ranks": (2, {2: [3, 3], 3: [2, 2, 3]}, torch.float32, {}, {}),
     "every_rank_empty": (5, {2: [0, 0], 3: [0, 0, 0]}, torch.float32, {}, {}),
+    "bfloat16_embeddings": (7, {2: [4, 4], 3: [3, 3, 2]}, torch.bfloat16,
+                            {"label_smoothing": 0.1}, {}),
     "sampled": (40, {2: [6, 5], 3: [4, 0, 6]}, torch.float32,
                 {"sample_rate": 0.3, "label_smoothing": 0.1, "class_weight": "C"}, {}),
 }
@@ -127,12 +131,12 @@ def _run_case(name, rank, world):
     g = torch.Generator().manual_seed(11)
     loss_kw = dict(loss_kw)
     if loss_kw.get("class_weight") == "C":
-        loss_kw["class_weight"] = (torch.rand(C, generator=g) + 0.2).to(dtype)
-    sw = (torch.rand(B, generator=g) + 0.2).to(dtype) if fwd.get("sw") else None
+        loss_kw["class_weight"] = (torch.rand(C, generator=g) + 0.2).to(w.dtype)
+    sw = (torch.rand(B, generator=g) + 0.2).to(w.dtype) if fwd.get("sw") else None
     lo = sum(rows[:rank])
     hi = lo + rows[rank]
 
-    head = ShardedAngularMarginLoss(C, D, dtype=dtype, chunk_rows=3, timeout=30, **loss_kw)
+    head = ShardedAngularMarginLoss(C, D, dtype=w.dtype, chunk_rows=3, timeout=30, **loss_kw)
     start, n = head.class_start, head.num_local
     with torch.no_grad():
         head.weight.copy_(w[start:start + n])
@@ -156,14 +160,19 @@ def _run_case(name, rank, world):
             kw["class_weight"] = kw["class_weight"][ids]
         where = ids
     def op(xx, ww, cast):
-        kk = {k: (v.to(cast) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-        s = None if sw is None else sw.to(cast)
-        return _op_with_upstream(xx.to(cast), ww.to(cast), ref_t, upstream, s, kk)
+        """The reference op in `cast` (float64), or on the inputs as given (cast None)."""
+        if cast is not None:
+            xx, ww = xx.to(cast), ww.to(cast)
+        kk = {k: (v.to(cast) if isinstance(v, torch.Tensor) and cast is not None else v)
+              for k, v in kw.items()}
+        s = sw.to(cast) if sw is not None and cast is not None else sw
+        return _op_with_upstream(xx, ww, ref_t, upstream, s, kk)
 
     want = op(x, ref_w, torch.float64)
-    own = op(x, ref_w, dtype) if dtype != torch.float64 else None
+    # PyTorch's own result on the inputs as given (docs/math.md, "Closeness and tolerances").
+    own = op(x, ref_w, None) if dtype != torch.float64 else None
     grad_w_full = torch.zeros(C, D, dtype=torch.float64)
-    own_w_full = torch.zeros(C, D, dtype=dtype)
+    own_w_full = torch.zeros(C, D, dtype=w.dtype)
     if where is not None:
         grad_w_full[where] = want[2]
         if own is not None:
@@ -181,7 +190,7 @@ def _run_case(name, rank, world):
                                    "grad_embeddings",
                                    world * own[1][lo:hi] if own is not None else None),
         "same_loss_everywhere": _same_everywhere(loss.detach(), world),
-        "grad_dtypes": (x_local.grad.dtype == dtype, head.weight.grad.dtype == dtype),
+        "grad_dtypes": (x_local.grad.dtype == x.dtype, head.weight.grad.dtype == w.dtype),
         "classes_used": C if where is None else len(where),
     }
     return out
@@ -212,9 +221,60 @@ def scenario_equivalence(rank, world):
             out[name] = _run_case(name, rank, world)
         except Exception:  # noqa: BLE001 - reported to the test
             out[name] = {"exception": traceback.format_exc()}
+    try:
+        out["ddp_backbone"] = _ddp_backbone(rank, world)
+    except Exception:  # noqa: BLE001
+        out["ddp_backbone"] = {"exception": traceback.format_exc()}
     out["settings_mismatch"] = _expect_error(rank, world, lambda: _mismatched_head(rank, world))
     out["bad_label"] = _expect_error(rank, world, lambda: _bad_label(rank))
     return out
+
+
+def _ddp_backbone(rank, world):
+    """A linear backbone under DistributedDataParallel feeding the sharded loss: DDP's average
+    of the N-scaled embedding gradients must be the single-process gradient of the global loss
+    (docs/distributed.md, "Gradient scale")."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from udat_kernels import reference
+    from udat_kernels.distributed import ShardedAngularMarginLoss
+
+    C, D, F_in = 11, 6, 5
+    rows = [4, 3, 5][:world]
+    g = torch.Generator().manual_seed(21)
+    inputs = torch.randn(sum(rows), F_in, generator=g)
+    labels = torch.randint(0, C, (sum(rows),), generator=g)
+    w = torch.randn(C, D, generator=g)
+    backbone = torch.nn.Linear(F_in, D)
+    with torch.no_grad():
+        backbone.weight.copy_(torch.randn(D, F_in, generator=g))
+        backbone.bias.copy_(torch.randn(D, generator=g))
+    single = torch.nn.Linear(F_in, D).double()
+    single.load_state_dict(backbone.state_dict())
+    ddp = DDP(backbone)
+    head = ShardedAngularMarginLoss(C, D, timeout=30, label_smoothing=0.1)
+    with torch.no_grad():
+        head.weight.copy_(w[head.class_start:head.class_start + head.num_local])
+    lo, hi = sum(rows[:rank]), sum(rows[:rank + 1])
+    head(ddp(inputs[lo:hi]), labels[lo:hi]).backward()
+    ref_w = w.double().requires_grad_()
+    loss = reference.angular_margin_cross_entropy(single(inputs.double()), ref_w, labels,
+                                                  label_smoothing=0.1)
+    loss.backward()
+    own = torch.nn.Linear(F_in, D)
+    own.load_state_dict(backbone.state_dict())
+    own_w = w.clone().requires_grad_()
+    reference.angular_margin_cross_entropy(own(inputs), own_w, labels,
+                                           label_smoothing=0.1).backward()
+    s0, n = head.class_start, head.num_local
+    return {
+        "backbone_weight": _errors(backbone.weight.grad, single.weight.grad, torch.float32,
+                                   "backbone weight", own.weight.grad),
+        "backbone_bias": _errors(backbone.bias.grad, single.bias.grad, torch.float32,
+                                 "backbone bias", own.bias.grad),
+        "head_weight": _errors(head.weight.grad, ref_w.grad[s0:s0 + n], torch.float32,
+                               "head weight", own_w.grad[s0:s0 + n]),
+    }
 
 
 def _mismatched_head(rank, world):

@@ -45,6 +45,16 @@ def test_matches_the_single_process_op(equivalence, case):
             assert got["classes_used"] < CASES[case][0], got["classes_used"]
 
 
+def test_ddp_average_gives_the_single_process_backbone_gradient(equivalence):
+    """Partial FC's convention: the embeddings get N·∂L/∂x_local, DDP averages over N."""
+    world, results = equivalence
+    for rank, res in enumerate(results):
+        got = res["ddp_backbone"]
+        assert "exception" not in got, f"rank {rank}:\n{got.get('exception')}"
+        for name, (err, bound) in got.items():
+            assert err <= bound, f"rank {rank} of {world}: {name} error {err:.3e} > {bound:.3e}"
+
+
 def test_settings_that_differ_are_named_on_every_rank(equivalence):
     world, results = equivalence
     for rank, res in enumerate(results):

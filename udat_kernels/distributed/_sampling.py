@@ -30,8 +30,11 @@ def sample_centres(target, valid, *, shard_starts, shard_sizes, rank, sample_rat
     """Sample this rank's centres for the global targets `target` (rows where `valid`)."""
     device = target.device
     C = shard_starts[-1] + shard_sizes[-1]
-    present = torch.zeros(C, dtype=torch.bool, device=device)
-    present[target[valid]] = True
+    # Which classes are targets of valid rows (an accumulate, not a boolean index: no sync).
+    hits = torch.zeros(C, dtype=torch.int32, device=device)
+    hits.index_put_((torch.where(valid, target, torch.zeros_like(target)),),
+                    valid.to(torch.int32), accumulate=True)
+    present = hits > 0
     ends = torch.tensor([s + n for s, n in zip(shard_starts, shard_sizes)], device=device)
     starts = torch.tensor(shard_starts, device=device)
     cum = torch.cat([present.new_zeros(1, dtype=torch.int64), present.cumsum(0)])
@@ -42,7 +45,7 @@ def sample_centres(target, valid, *, shard_starts, shard_sizes, rank, sample_rat
         # Positives get 2, negatives a uniform draw in [0, 1): the top m are every positive and
         # a uniform sample of the negatives.
         score = torch.rand(n, device=device)
-        score[present[start:start + n]] = 2.0
+        score.masked_fill_(present[start:start + n], 2.0)
         local_index = torch.topk(score, m).indices.sort().values
     else:
         local_index = torch.arange(n, device=device)

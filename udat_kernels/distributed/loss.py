@@ -223,10 +223,15 @@ class _Header:
         bad = ((t < 0) | (t >= loss.num_classes)) & (t != loss.ignore_index)
         if not loss.validate or t.numel() == 0:
             bad = torch.zeros_like(t, dtype=torch.bool)
-        known = torch.tensor([step, x.shape[0], _DTYPE_CODES[x.dtype], sample_weight is not None,
-                              needs_grad_x], dtype=torch.int64, device=x.device)
-        first = t[bad.to(torch.int8).argmax()] if t.numel() else t.new_zeros(())
-        mine = torch.cat([known, bad.sum().view(1), first.view(1)])
+        known = [step, x.shape[0], _DTYPE_CODES[x.dtype], sample_weight is not None, needs_grad_x]
+        if x.device.type == "cpu":
+            known = torch.tensor(known, dtype=torch.int64)
+        else:  # a pinned, asynchronous copy: no host sync here
+            known = torch.tensor(known, dtype=torch.int64, pin_memory=True).to(
+                x.device, non_blocking=True)
+        first = (t.gather(0, bad.to(torch.int8).argmax().view(1)) if t.numel()
+                 else t.new_zeros(1))
+        mine = torch.cat([known, bad.sum().view(1), first])
         every = comm.all_gather(mine, "the exchange of batch sizes", step).view(
             comm.world_size, len(self.FIELDS)).tolist()
         self.rows = [r[1] for r in every]
