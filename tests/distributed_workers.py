@@ -334,7 +334,7 @@ def scenario_stalls(rank, world):
 
     head = ShardedAngularMarginLoss(10, 4, timeout=4)
     if rank == 1:
-        time.sleep(9)
+        time.sleep(7)
         return {"slept": True}
     return _timed_step(head, rank)
 
@@ -348,8 +348,35 @@ def _timed_step(head, rank):
         return {"type": type(e).__name__, "message": str(e), "seconds": time.monotonic() - t0}
 
 
+def scenario_cuda_syncs(rank, world):
+    """Host syncs of one step on a CUDA device (NCCL): counted by torch's sync debug mode."""
+    import warnings
+
+    from udat_kernels.distributed import ShardedAngularMarginLoss
+
+    torch.cuda.set_device(rank)
+    out = {}
+    for name, rate in (("syncs", 1.0), ("syncs_sampled", 0.5)):
+        head = ShardedAngularMarginLoss(50, 16, device="cuda", sample_rate=rate, timeout=30)
+        x = torch.randn(8, 16, device="cuda", requires_grad=True)
+        t = torch.randint(0, 50, (8,), device="cuda")
+        head(x, t).backward()  # warm-up: first-call allocations and lazy initialisation
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                head(x, t).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        msgs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        out[name], out[name + "_messages"] = len(msgs), msgs
+    return out
+
+
 SCENARIOS = {"equivalence": scenario_equivalence, "dies": scenario_dies,
-             "raises": scenario_raises, "stalls": scenario_stalls}
+             "raises": scenario_raises, "stalls": scenario_stalls,
+             "cuda_syncs": scenario_cuda_syncs}
 
 
 def main(argv):
@@ -357,7 +384,8 @@ def main(argv):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    backend = "nccl" if scenario.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=30))
     result = SCENARIOS[scenario](rank, world)
     torch.save(result, out / f"rank{rank}.pt")

@@ -12,6 +12,7 @@ under a time limit.
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from distributed_workers import CASES, launch
@@ -86,3 +87,16 @@ def test_a_failed_rank_makes_the_others_fail_within_the_timeout(scenario, tmp_pa
     assert res["seconds"] < limit, res
     if scenario == "stalls":
         assert "within 4 s" in res["message"] and res["seconds"] >= 3.5, res
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()),
+                    reason="needs a CUDA device and NCCL")
+def test_one_host_sync_per_step_on_cuda(tmp_path):
+    """The size exchange is the one host sync of a step; sampling adds one (docs/distributed.md,
+    "What a step exchanges")."""
+    codes, logs, results = launch("cuda_syncs", 1, tmp_path, timeout_s=120)
+    res = results[0]
+    assert res is not None, "\n".join(logs)
+    assert res["syncs"] == 1, res["syncs_messages"]
+    assert res["syncs_sampled"] == 2, res["syncs_sampled_messages"]
