@@ -261,11 +261,10 @@ class _Rows:
     """Where each rank's rows sit in the padded gathers (N·max_B rows) and in the global batch
     (Σ B_r rows, in rank order)."""
 
-    def __init__(self, rows, rank, device):
-        self.rows, self.rank = rows, rank
+    def __init__(self, rows, device):
+        self.rows = rows
         self.max = max(rows)
         self.total = sum(rows)
-        self.offset = sum(rows[:rank])
         self.padded = any(r != self.max for r in rows)
         self.index = (torch.cat([torch.arange(r, device=device) + i * self.max
                                  for i, r in enumerate(rows)]) if self.padded else None)
@@ -294,7 +293,7 @@ class _ShardedLoss(torch.autograd.Function):
         chosen = dispatch.select(loss.backend, x, weight).name
         needs_grad_x = bool(ctx.needs_input_grad[0])
         head = _Header(comm, x, target, sample_weight, needs_grad_x, loss, step)
-        rows = _Rows(head.rows, comm.rank, x.device)
+        rows = _Rows(head.rows, x.device)
         acc = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
 
         # Embeddings, labels and sample weights of every rank (the weights travel as the bits of
