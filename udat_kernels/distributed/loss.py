@@ -35,6 +35,9 @@ __all__ = ["ShardedAngularMarginLoss", "shard_range"]
 _OP_KWARGS = ("class_weight", "label_smoothing", "ignore_index", "reduction", "margin_grad",
               "backend", "validate", "grl_lambda")
 _DTYPE_CODES = {dt: i for i, dt in enumerate(_validate.FLOAT_DTYPES)}
+# What the shard mode is given as ignore_index when no label is ignored (ignore_index=None): a
+# value that the label check rejects, so that no valid row is ever compared equal to it.
+_NO_IGNORE = -(2**31)
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -76,7 +79,7 @@ class ShardedAngularMarginLoss(nn.Module):
     rows of logits at a time (default: blocks of at most 128 MiB of logits); `device`, `dtype`
     of `weight`; and the op's keywords (class_weight (C,) whole on every rank, label_smoothing,
     ignore_index, reduction, margin_grad, backend, validate, grl_lambda), which keep their
-    meaning. Every rank must construct the loss with the same settings (checked here, by name)
+    meaning; ignore_index=None ignores no label (every label must be a class). Every rank must construct the loss with the same settings (checked here, by name)
     and call it the same number of times.
     """
 
@@ -111,8 +114,10 @@ class ShardedAngularMarginLoss(nn.Module):
             raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, "
                              f"got {label_smoothing}")
         ignore_index = op_kwargs.get("ignore_index", -100)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-            raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+        if ignore_index is not None and (isinstance(ignore_index, bool)
+                                         or not isinstance(ignore_index, numbers.Integral)):
+            raise TypeError(f"ignore_index: expected an int or None, got "
+                            f"{type(ignore_index).__name__}")
         reduction = op_kwargs.get("reduction", "mean")
         _validate.reduction_code(reduction)
         margin_grad = op_kwargs.get("margin_grad", "exact")
@@ -143,7 +148,10 @@ class ShardedAngularMarginLoss(nn.Module):
         self.class_start, self.num_local = shard_range(C, self.world_size, self.rank)
         self.scale, self.margin, self.cos_margin = scale, margin, cos_margin
         self.sample_rate, self.chunk_rows = sample_rate, chunk_rows
-        self.label_smoothing, self.ignore_index = label_smoothing, int(ignore_index)
+        self.label_smoothing = label_smoothing
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
+        # The value the shard mode compares the targets with.
+        self._ignore_value = _NO_IGNORE if ignore_index is None else self.ignore_index
         self.reduction, self.margin_grad, self.backend = reduction, margin_grad, backend
         self.validate = bool(op_kwargs.get("validate", True))
         self.grl_lambda = grl_lambda
@@ -220,7 +228,9 @@ class _Header:
               "first_bad_label")
 
     def __init__(self, comm, x, t, sample_weight, needs_grad_x, loss, step):
-        bad = ((t < 0) | (t >= loss.num_classes)) & (t != loss.ignore_index)
+        bad = (t < 0) | (t >= loss.num_classes)
+        if loss.ignore_index is not None:
+            bad &= t != loss.ignore_index
         if not loss.validate or t.numel() == 0:
             bad = torch.zeros_like(t, dtype=torch.bool)
         known = [step, x.shape[0], _DTYPE_CODES[x.dtype], sample_weight is not None, needs_grad_x]
@@ -249,9 +259,10 @@ class _Header:
                             + ")")
         for i, r in enumerate(every):
             if r[5]:
+                but = ("" if loss.ignore_index is None
+                       else f" that are not ignore_index ({loss.ignore_index})")
                 problems.append(f"local_labels: rank {i} has {r[5]} label(s) outside "
-                                f"[0, {loss.num_classes}) that are not ignore_index "
-                                f"({loss.ignore_index}), e.g. {r[6]}")
+                                f"[0, {loss.num_classes}){but}, e.g. {r[6]}")
         if problems:
             # Every rank sees the same header, so every rank raises the same error.
             raise ValueError("ShardedAngularMarginLoss: " + "; ".join(problems))
@@ -315,10 +326,10 @@ class _ShardedLoss(torch.autograd.Function):
             x_all = x.new_empty((0, x.shape[1]))
             t_all, sw_all = target.new_empty((0,)), None
 
-        ignored = t_all == loss.ignore_index
+        ignored = t_all == loss._ignore_value
         valid = ~ignored & (t_all >= 0) & (t_all < loss.num_classes)
         problem = dict(num_classes=loss.num_classes, class_weight=loss.class_weight,
-                       ignore_index=loss.ignore_index)
+                       ignore_index=loss._ignore_value)
         offset, centres, sampled = loss.class_start, weight, None
         if loss.sample_rate < 1.0:
             starts_sizes = [shard_range(loss.num_classes, comm.world_size, r)
