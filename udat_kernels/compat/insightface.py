@@ -1,4 +1,4 @@
-"""arcface_torch's `CombinedMarginLoss` (insightface's training code), single device.
+"""arcface_torch's `CombinedMarginLoss` and `PartialFC_V2` (insightface's training code).
 
     margin_loss = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)      # ArcFace, m2 = 0.5
     logits = margin_loss(cosines, labels)                      # as arcface_torch: s·logits with
@@ -17,7 +17,13 @@ guard", `margin_grad="straight_through"`). The target logit is the op's ψ (docs
 margin ψ"): equal to arcface_torch's cos(θ + m2) wherever θ + m2 ≤ π; beyond, arcface_torch's
 cosine rises again with θ, while ψ continues as cos θ − m2·sin m2, decreasing (docs/compat.md).
 
-The distributed head `PartialFC_V2` is not here yet (docs/compat.md).
+`PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate, fp16)` is arcface_torch's
+class-parallel head over `udat_kernels.distributed.ShardedAngularMarginLoss`, with its shard
+rule, parameter and state_dict, taking its margins from a CombinedMarginLoss:
+
+    margin_loss = CombinedMarginLoss(64, 1.0, 0.5, 0.0)
+    module_partial_fc = PartialFC_V2(margin_loss, 512, num_classes, sample_rate=0.2)
+    loss = module_partial_fc(local_embeddings, local_labels)   # the global batch's loss
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ import torch
 from torch import nn
 
 from .. import reference
+from ..distributed import ShardedAngularMarginLoss
 from ..ops import angular_margin_cross_entropy
 
-__all__ = ["CombinedMarginLoss"]
+__all__ = ["CombinedMarginLoss", "PartialFC_V2"]
 
 # The op's keywords that fused_loss sets itself from the margins.
 _SET_BY_MARGINS = ("scale", "margin", "cos_margin", "margin_grad", "ignore_index")
+# arcface_torch's CombinedMarginLoss keeps its constructor arguments under these names.
+_COMBINED_ARGS = ("s", "m1", "m2", "m3", "interclass_filtering_threshold")
 
 
 def _real(name: str, value) -> float:
@@ -136,3 +145,89 @@ class CombinedMarginLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}"
+
+
+def _combined_margin(margin_loss) -> CombinedMarginLoss:
+    """The CombinedMarginLoss whose margins PartialFC_V2 applies: this module's as it is, or
+    arcface_torch's own (an object with its five constructor arguments as attributes) rebuilt
+    here, which checks its margins."""
+    if isinstance(margin_loss, CombinedMarginLoss):
+        return margin_loss
+    if callable(margin_loss) and all(hasattr(margin_loss, n) for n in _COMBINED_ARGS):
+        return CombinedMarginLoss(*(getattr(margin_loss, n) for n in _COMBINED_ARGS))
+    raise TypeError(
+        f"margin_loss: expected a CombinedMarginLoss (this module's, or arcface_torch's own: "
+        f"an object with attributes {', '.join(_COMBINED_ARGS)}), got "
+        f"{type(margin_loss).__name__}; PartialFC_V2 applies the margin inside the fused loss, "
+        f"so another margin callable cannot be served")
+
+
+class PartialFC_V2(ShardedAngularMarginLoss):  # noqa: N801 - arcface_torch's class name
+    """arcface_torch's `PartialFC_V2`: the class centres split over the ranks of the default
+    process group, the margin-based softmax of the global batch, over the class-parallel loss.
+
+    PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False)
+
+    - margin_loss: a `CombinedMarginLoss` (this module's or arcface_torch's own), ArcFace or
+      CosFace; its s, m2, m3 are read here, once.
+    - Rank r of N holds `weight` (num_local, embedding_size), the classes [class_start,
+      class_start + num_local) with num_local = C // N + (r < C % N) — arcface_torch's rule
+      and parameter, so that its per-rank checkpoints (state_dict: `weight` alone) load here
+      and ours there. Initialised N(0, 0.01²) as arcface_torch does (the same values for the
+      same seed).
+    - sample_rate < 1: each step keeps the centres of the batch's classes and a random share of
+      the others, num_sample = int(sample_rate·num_local) a rank (more when the positives
+      exceed it); `weight_index` holds the local indices of the last step's sample.
+    - fp16: the embeddings enter the loss in float16 (arcface_torch computes its cosines under
+      float16 autocast); the cosines accumulate in float32 either way.
+    - timeout (keyword only, not in arcface_torch): seconds a collective of the loss waits for
+      the other ranks (default 1800, torch's default for gloo groups).
+
+    forward(local_embeddings (B_r, D), local_labels (B_r,) or (B_r, 1) integer class indices)
+    -> the mean loss of the global batch, the same on every rank. Gradients: `weight` gets
+    ∂L/∂weight, local_embeddings N·∂L/∂x_local (DistributedDataParallel's average over the
+    backbone's replicas then gives the single-process gradient), as arcface_torch's.
+    """
+
+    _version = 2  # arcface_torch's, recorded in the state_dict's metadata
+
+    def __init__(self, margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False,
+                 *, timeout=1800.0):
+        margin = _combined_margin(margin_loss)
+        if fp16 not in (False, True) or not isinstance(fp16, numbers.Integral):
+            raise TypeError(f"fp16: expected a bool, got {fp16!r}")
+        # ignore_index=None: arcface_torch ignores no label, so a label outside [0, C) raises
+        # instead of silently leaving its row out.
+        super().__init__(num_classes, embedding_size, sample_rate=sample_rate, timeout=timeout,
+                         ignore_index=None, reduction="mean", **margin.margin_kwargs())
+        self.fp16 = bool(fp16)
+        self.margin_softmax = margin
+        self.num_sample = int(self.sample_rate * self.num_local)
+        every = self._comm.all_gather_object(self.fp16, "the check of the settings")
+        if any(v != every[0] for v in every):
+            raise ValueError("PartialFC_V2: settings differ across ranks: fp16 ("
+                             + ", ".join(f"rank {r}: {v}" for r, v in enumerate(every)) + ")")
+
+    @property
+    def weight_index(self) -> torch.Tensor | None:
+        """Indices into this rank's `weight` of the centres sampled in the last step
+        (sample_rate < 1; None before the first sampled step)."""
+        ids = self.last_sampled_classes
+        return None if ids is None else ids - self.class_start
+
+    def forward(self, local_embeddings: torch.Tensor,
+                local_labels: torch.Tensor) -> torch.Tensor:
+        labels = local_labels
+        if isinstance(labels, torch.Tensor):
+            if labels.dim() == 2 and labels.shape[1] == 1:
+                labels = labels.reshape(-1)
+            if not (labels.is_floating_point() or labels.is_complex()
+                    or labels.dtype == torch.bool):
+                labels = labels.long()
+        x = local_embeddings
+        if self.fp16 and isinstance(x, torch.Tensor) and x.is_floating_point():
+            x = x.to(torch.float16)
+        return super().forward(x, labels)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp16={self.fp16}"
