@@ -664,14 +664,48 @@ def scenario_training(rank, world, out_dir):
     return out
 
 
-SCENARIOS = {"interface": scenario_interface, "training": scenario_training}
+def scenario_cuda(rank, world, out_dir):
+    """On a CUDA device (NCCL, one rank): the head moved with .cuda() as arcface_torch's script
+    does, against the float64 reference op on the CPU, fp32 and fp16."""
+    from udat_kernels import reference
+    from udat_kernels.compat.insightface import CombinedMarginLoss, PartialFC_V2
+
+    torch.cuda.set_device(rank)
+    C, D, rows = 1000, 64, 32
+    x, w, y = _global_problem(C, D, rows, seed=8)
+    out = {}
+    for fp16 in (False, True):
+        head = PartialFC_V2(CombinedMarginLoss(*ARC), D, C, 1.0, fp16, timeout=60).train().cuda()
+        with torch.no_grad():
+            head.weight.copy_(w)
+        xl = x.detach().clone().cuda().requires_grad_()
+        loss = head(xl, y.cuda())
+        loss.backward()
+        xr = (x.half() if fp16 else x).detach().double().requires_grad_()
+        wr = w.double().requires_grad_()
+        ref = reference.angular_margin_cross_entropy(xr, wr, y, scale=64.0, margin=0.5,
+                                                     margin_grad="straight_through")
+        ref.backward()
+        out[f"fp16={fp16}"] = {
+            "loss": _errors(loss.detach().cpu(), ref.detach()),
+            "grad_weight": _errors(head.weight.grad.cpu(), wr.grad),
+            "grad_embeddings": _errors(xl.grad.cpu(), world * xr.grad,
+                                       dtype=torch.float16 if fp16 else torch.float32),
+            "device": str(head.weight.device),
+        }
+    return out
+
+
+SCENARIOS = {"interface": scenario_interface, "training": scenario_training,
+             "cuda": scenario_cuda}
 
 
 def main(argv):
     scenario, rank, world, port, out = argv[1], int(argv[2]), int(argv[3]), argv[4], Path(argv[5])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group("nccl" if scenario == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
     result = SCENARIOS[scenario](rank, world, out)
     torch.save(result, out / f"rank{rank}.pt")
     sys.stdout.flush()

@@ -206,3 +206,16 @@ def test_fp16_that_differs_across_ranks_is_named(ranks):
         err = ranks[rank]["fp16_mismatch"]
         assert err["type"] == "ValueError", err
         assert "fp16 (rank 0: True, rank 1: False)" in err["message"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()),
+                    reason="needs a CUDA device and NCCL")
+def test_on_a_cuda_device(tmp_path):
+    from partial_fc_workers import launch
+
+    codes, logs, results = launch("cuda", 1, tmp_path, timeout_s=180)
+    assert codes == [0] and results[0] is not None, "\n".join(logs)
+    for case, got in results[0].items():
+        assert got["device"].startswith("cuda"), got
+        _assert_within(got, ("loss", "grad_weight", "grad_embeddings"), case, 0)

@@ -79,8 +79,9 @@ class ShardedAngularMarginLoss(nn.Module):
     rows of logits at a time (default: blocks of at most 128 MiB of logits); `device`, `dtype`
     of `weight`; and the op's keywords (class_weight (C,) whole on every rank, label_smoothing,
     ignore_index, reduction, margin_grad, backend, validate, grl_lambda), which keep their
-    meaning; ignore_index=None ignores no label (every label must be a class). Every rank must construct the loss with the same settings (checked here, by name)
-    and call it the same number of times.
+    meaning; ignore_index=None ignores no label (every label must be a class). Every rank must
+    construct the loss with the same settings (checked here, by name) and call it the same
+    number of times.
     """
 
     def __init__(self, num_classes: int, embedding_size: int, *, scale: float = 64.0,
