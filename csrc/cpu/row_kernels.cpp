@@ -79,9 +79,11 @@ UDAT_INLINE float exp_poly(float x) {
 }  // namespace
 
 UDAT_MULTIVERSION
-void scale_bias(float* z, int64_t n, const float* col_scale, const float* bias) {
+void scale_bias(float* z, int64_t n, const float* col_scale, const float* bias, float row_scale) {
   if (col_scale) {
-    for (int64_t j = 0; j < n; ++j) z[j] *= col_scale[j];
+    for (int64_t j = 0; j < n; ++j) z[j] = (z[j] * row_scale) * col_scale[j];
+  } else if (row_scale != 1.0f) {
+    for (int64_t j = 0; j < n; ++j) z[j] *= row_scale;
   }
   if (bias) {
     for (int64_t j = 0; j < n; ++j) z[j] += bias[j];
@@ -150,6 +152,49 @@ double dot(const float* a, const float* b, int64_t n) {
   }
   for (; j < n; ++j) total += double(a[j]) * b[j];
   return total;
+}
+
+namespace {
+
+UDAT_INLINE v8f widen_bf16(const uint16_t* p) {
+  uint16_t h[kW];
+  std::memcpy(h, p, sizeof h);
+  v8i bits;
+  for (int l = 0; l < kW; ++l) bits[l] = int32_t(uint32_t(h[l]) << 16);
+  return (v8f)bits;
+}
+
+UDAT_INLINE float widen_bf16(uint16_t h) {
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+}  // namespace
+
+UDAT_MULTIVERSION
+double sq_norm_bf16(const uint16_t* w, int64_t n) {
+  double total = 0;
+  int64_t j = 0;
+  while (j + kW <= n) {
+    v8f acc{};
+    const int64_t stop = j + kFlush < n ? j + kFlush : n;
+    for (; j + kW <= stop; j += kW) {
+      const v8f v = widen_bf16(w + j);
+      acc += v * v;
+    }
+    total += hsum(acc);
+  }
+  for (; j < n; ++j) total += double(widen_bf16(w[j])) * widen_bf16(w[j]);
+  return total;
+}
+
+UDAT_MULTIVERSION
+void bf16_to_float(const uint16_t* w, float* out, int64_t n) {
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) store(out + j, widen_bf16(w + j));
+  for (; j < n; ++j) out[j] = widen_bf16(w[j]);
 }
 
 namespace {

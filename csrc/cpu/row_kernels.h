@@ -11,9 +11,9 @@
 namespace udat {
 namespace cpu {
 
-// z[j] *= col_scale[j] (col_scale may be null: no scaling), then z[j] += bias[j] (bias may be
-// null).
-void scale_bias(float* z, int64_t n, const float* col_scale, const float* bias);
+// z[j] = (z[j]·row_scale)·col_scale[j] (col_scale may be null: z[j]·row_scale), then
+// z[j] += bias[j] (bias may be null). A row_scale of 1 leaves z[j] exactly as it was.
+void scale_bias(float* z, int64_t n, const float* col_scale, const float* bias, float row_scale);
 
 // max_j z[j]; NaN entries are skipped (a later exp propagates them).
 float row_max(const float* z, int64_t n);
@@ -34,6 +34,11 @@ double dot(const float* a, const float* b, int64_t n);
 
 // dst[j] += src[j].
 void add_into(float* dst, const float* src, int64_t n);
+
+// Rows of bfloat16 values (their bits, uint16_t): Σ_j w[j]² accumulated in double, and the row
+// widened to float32 (exact).
+double sq_norm_bf16(const uint16_t* w, int64_t n);
+void bf16_to_float(const uint16_t* w, float* out, int64_t n);
 
 // Heads of at most kSmallHeadMax classes, one row of x at a time, W (C, D) row-major, in two
 // passes over the row:

@@ -1,0 +1,288 @@
+// The bfloat16 GEMM with a float32 C (see gemm.h), on the AVX-512 BF16 instruction vdpbf16ps:
+// each lane adds the two products of a pair of bf16 values (exact in float32) to a float32 sum.
+//
+// Layout (the usual packed GEMM): both operands are copied, a block at a time, into pairs along
+// k — one uint32 holds op(X)[.., 2q] in its low half and op(X)[.., 2q + 1] in its high half, the
+// last pair of an odd k padded with a zero — so that any transpose of either operand costs only
+// its packing. The micro-kernel keeps a kMR × kNR tile of C in 28 registers; per pair it loads
+// two vectors of B and broadcasts one pair of A per row. The work is split over threads along the
+// largest of m, n and k (k: each thread sums its share into a private C, then the shares are
+// added in thread order).
+#include "gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define UDAT_BF16_KERNEL 1
+#include <immintrin.h>
+#endif
+
+namespace udat {
+namespace cpu {
+
+#ifdef UDAT_BF16_KERNEL
+
+namespace {
+
+constexpr int kMR = 14;             // rows of the C tile
+constexpr int kNV = 2;              // 16-float vectors across the C tile
+constexpr int kNR = 16 * kNV;       // columns of the C tile
+constexpr int64_t kKC = 256;        // pairs of k per packed block (512 values of k)
+constexpr int64_t kMC = 36 * kMR;   // rows of A packed at once when B is streamed
+constexpr int64_t kNC = 16 * kNR;   // columns of B packed at once when A is streamed
+
+using Ref = MatRef<uint16_t>;
+
+// The pair (k, k + 1) of a contiguous row, zero-padded past its end (at n).
+inline uint32_t pair_of_row(const uint16_t* row, int64_t kk, int64_t n) {
+  uint32_t lo = row[kk], hi = kk + 1 < n ? row[kk + 1] : 0;
+  return lo | (hi << 16);
+}
+
+// op(A) rows [i0, i0 + mr) × pairs [q0, q0 + nq) into dst[q][r] (kMR per pair; rows past mr 0).
+void pack_a(const Ref& a, int64_t k, int64_t i0, int64_t mr, int64_t q0, int64_t nq,
+            uint32_t* dst) {
+  if (mr < kMR) std::memset(dst, 0, sizeof(uint32_t) * kMR * nq);
+  if (!a.trans) {  // stored m × k: each row's pairs are contiguous
+    for (int64_t r = 0; r < mr; ++r) {
+      const uint16_t* row = a.p + (i0 + r) * a.ld;
+      for (int64_t q = 0; q < nq; ++q) dst[q * kMR + r] = pair_of_row(row, 2 * (q0 + q), k);
+    }
+  } else {  // stored k × m: a pair takes the same column of two consecutive stored rows
+    for (int64_t q = 0; q < nq; ++q) {
+      const int64_t kk = 2 * (q0 + q);
+      const uint16_t* lo = a.p + kk * a.ld + i0;
+      const uint16_t* hi = kk + 1 < k ? lo + a.ld : nullptr;
+      for (int64_t r = 0; r < mr; ++r) {
+        dst[q * kMR + r] = uint32_t(lo[r]) | (hi ? uint32_t(hi[r]) << 16 : 0u);
+      }
+    }
+  }
+}
+
+// op(B) columns [j0, j0 + nr) × pairs [q0, q0 + nq) into dst[q][j] (kNR per pair; columns past
+// nr 0).
+void pack_b(const Ref& b, int64_t k, int64_t j0, int64_t nr, int64_t q0, int64_t nq,
+            uint32_t* dst) {
+  if (nr < kNR) std::memset(dst, 0, sizeof(uint32_t) * kNR * nq);
+  if (b.trans) {  // stored n × k: each column of op(B) is a contiguous stored row
+    for (int64_t j = 0; j < nr; ++j) {
+      const uint16_t* row = b.p + (j0 + j) * b.ld;
+      for (int64_t q = 0; q < nq; ++q) dst[q * kNR + j] = pair_of_row(row, 2 * (q0 + q), k);
+    }
+  } else {  // stored k × n: interleave two consecutive stored rows
+    for (int64_t q = 0; q < nq; ++q) {
+      const int64_t kk = 2 * (q0 + q);
+      const uint16_t* lo = b.p + kk * b.ld + j0;
+      const uint16_t* hi = kk + 1 < k ? lo + b.ld : nullptr;
+      for (int64_t j = 0; j < nr; ++j) {
+        dst[q * kNR + j] = uint32_t(lo[j]) | (hi ? uint32_t(hi[j]) << 16 : 0u);
+      }
+    }
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+// C tile (kMR × kNR at c, stride ldc) = (accumulate ? C : 0) + Σ_q a[q]·b[q].
+void micro_kernel(int64_t nq, const uint32_t* __restrict a, const uint32_t* __restrict b,
+                  float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[kMR][kNV];
+  for (int r = 0; r < kMR; ++r) {
+    for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t q = 0; q < nq; ++q) {
+    __m512bh bv[kNV];
+    for (int v = 0; v < kNV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + q * kNR + 16 * v);
+#pragma GCC unroll 14
+    for (int r = 0; r < kMR; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int(a[q * kMR + r]));
+      for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int r = 0; r < kMR; ++r) {
+    for (int v = 0; v < kNV; ++v) {
+      float* p = c + r * ldc + 16 * v;
+      _mm512_storeu_ps(p, accumulate ? _mm512_add_ps(_mm512_loadu_ps(p), acc[r][v]) : acc[r][v]);
+    }
+  }
+}
+
+void round_row(float* z, int64_t n) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(z);
+  int64_t j = 0;
+  // Each step reads 16 floats before writing 16 bf16 at half their offset: the writes never
+  // reach a float not yet read.
+  for (; j + 16 <= n; j += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(z + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)h);
+  }
+  if (j < n) {
+    const __mmask16 mask = __mmask16((1u << (n - j)) - 1);
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, z + j));
+    _mm256_mask_storeu_epi16(out + j, mask, (__m256i)h);
+  }
+}
+
+#pragma GCC pop_options
+
+// A tile at the edge of C: computed in full into a local tile, then its valid part stored.
+void edge_tile(int64_t nq, const uint32_t* a, const uint32_t* b, float* c, int64_t ldc,
+               int64_t mr, int64_t nr, bool accumulate) {
+  alignas(64) float tile[kMR * kNR];
+  micro_kernel(nq, a, b, tile, kNR, false);
+  for (int64_t r = 0; r < mr; ++r) {
+    for (int64_t j = 0; j < nr; ++j) {
+      c[r * ldc + j] = accumulate ? c[r * ldc + j] + tile[r * kNR + j] : tile[r * kNR + j];
+    }
+  }
+}
+
+struct Problem {
+  int64_t m, n, k;
+  Ref a, b;
+};
+
+// C[m0:m1, n0:n1] (at c, which points at element (m0, n0), stride ldc) over the pairs
+// [q0, q1). Each block of kKC pairs packs one operand for the whole range (the smaller side)
+// and streams the other through it in micro-panels.
+void compute_range(const Problem& pr, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                   int64_t q0, int64_t q1, float* c, int64_t ldc, bool accumulate) {
+  const bool stream_b = (n1 - n0) >= (m1 - m0);
+  std::vector<uint32_t> big, small;
+  for (int64_t qb = q0; qb < q1 || (qb == q0 && q0 == q1); qb += kKC) {
+    const int64_t nq = std::min(kKC, q1 - qb);
+    const bool acc = accumulate || qb > q0;
+    if (stream_b) {
+      for (int64_t mb = m0; mb < m1; mb += kMC) {
+        const int64_t me = std::min(m1, mb + kMC), blocks = (me - mb + kMR - 1) / kMR;
+        big.resize(size_t(blocks * kMR * std::max<int64_t>(nq, 1)));
+        for (int64_t t = 0; t < blocks; ++t) {
+          pack_a(pr.a, pr.k, mb + t * kMR, std::min<int64_t>(kMR, me - mb - t * kMR), qb, nq,
+                 big.data() + t * kMR * nq);
+        }
+        small.resize(size_t(kNR * std::max<int64_t>(nq, 1)));
+        for (int64_t j = n0; j < n1; j += kNR) {
+          const int64_t nr = std::min<int64_t>(kNR, n1 - j);
+          pack_b(pr.b, pr.k, j, nr, qb, nq, small.data());
+          for (int64_t t = 0; t < blocks; ++t) {
+            const int64_t i = mb + t * kMR, mr = std::min<int64_t>(kMR, me - i);
+            float* ct = c + (i - m0) * ldc + (j - n0);
+            if (mr == kMR && nr == kNR) {
+              micro_kernel(nq, big.data() + t * kMR * nq, small.data(), ct, ldc, acc);
+            } else {
+              edge_tile(nq, big.data() + t * kMR * nq, small.data(), ct, ldc, mr, nr, acc);
+            }
+          }
+        }
+      }
+    } else {
+      for (int64_t nb = n0; nb < n1; nb += kNC) {
+        const int64_t ne = std::min(n1, nb + kNC), panels = (ne - nb + kNR - 1) / kNR;
+        big.resize(size_t(panels * kNR * std::max<int64_t>(nq, 1)));
+        for (int64_t t = 0; t < panels; ++t) {
+          pack_b(pr.b, pr.k, nb + t * kNR, std::min<int64_t>(kNR, ne - nb - t * kNR), qb, nq,
+                 big.data() + t * kNR * nq);
+        }
+        small.resize(size_t(kMR * std::max<int64_t>(nq, 1)));
+        for (int64_t i = m0; i < m1; i += kMR) {
+          const int64_t mr = std::min<int64_t>(kMR, m1 - i);
+          pack_a(pr.a, pr.k, i, mr, qb, nq, small.data());
+          for (int64_t t = 0; t < panels; ++t) {
+            const int64_t j = nb + t * kNR, nr = std::min<int64_t>(kNR, ne - j);
+            float* ct = c + (i - m0) * ldc + (j - n0);
+            if (mr == kMR && nr == kNR) {
+              micro_kernel(nq, small.data(), big.data() + t * kNR * nq, ct, ldc, acc);
+            } else {
+              edge_tile(nq, small.data(), big.data() + t * kNR * nq, ct, ldc, mr, nr, acc);
+            }
+          }
+        }
+      }
+    }
+    if (q0 == q1) break;  // k = 0: one pass that writes zeros (or leaves C)
+  }
+}
+
+// [0, total) in `parts` ranges aligned to `align`: the begin of part p.
+int64_t split(int64_t total, int64_t parts, int64_t align, int64_t p) {
+  const int64_t units = (total + align - 1) / align;
+  return std::min(total, (units * p / parts) * align);
+}
+
+}  // namespace
+
+bool bf16_gemm_available() {
+  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bf16");
+  const char* env = std::getenv("UDAT_CPU_BF16_GEMM");
+  return cpu && !(env && std::strcmp(env, "0") == 0);
+}
+
+void round_row_to_bf16(float* z, int64_t n) { round_row(z, n); }
+
+void gemm_bf16(int64_t m, int64_t n, int64_t k, MatRef<uint16_t> a, MatRef<uint16_t> b, float* c,
+               int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+  const Problem pr{m, n, k, a, b};
+  const int64_t pairs = (k + 1) / 2;
+  const int64_t threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  // Along k when it dwarfs m and n (grad x of the row blocks: k = classes), each thread into a
+  // private C; otherwise along the larger of m and n, each thread writing its own part of C.
+  const bool split_k = threads > 1 && pairs >= 4 * kKC * threads && k >= 8 * std::max(m, n) &&
+                       m * n * threads <= (int64_t(16) << 20);
+  if (split_k) {
+    std::vector<float> part(size_t(m * n * threads));
+    at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        compute_range(pr, 0, m, 0, n, split(pairs, threads, 1, t), split(pairs, threads, 1, t + 1),
+                      part.data() + t * m * n, n, false);
+      }
+    });
+    at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        float* ci = c + i * ldc;
+        for (int64_t j = 0; j < n; ++j) {
+          float s = accumulate ? ci[j] : 0.0f;
+          for (int64_t t = 0; t < threads; ++t) s += part[(t * m + i) * n + j];
+          ci[j] = s;
+        }
+      }
+    });
+    return;
+  }
+  const bool along_n = n >= m;
+  const int64_t extent = along_n ? n : m, align = along_n ? kNR : kMR;
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, extent / (4 * align)));
+  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t b0 = split(extent, parts, align, t), b1 = split(extent, parts, align, t + 1);
+      if (b0 == b1) continue;
+      if (along_n) {
+        compute_range(pr, 0, m, b0, b1, 0, pairs, c + b0, ldc, accumulate);
+      } else {
+        compute_range(pr, b0, b1, 0, n, 0, pairs, c + b0 * ldc, ldc, accumulate);
+      }
+    }
+  });
+}
+
+#else  // no AVX-512 BF16 kernel in this build
+
+bool bf16_gemm_available() { return false; }
+void round_row_to_bf16(float*, int64_t) {}
+void gemm_bf16(int64_t, int64_t, int64_t, MatRef<uint16_t>, MatRef<uint16_t>, float*, int64_t,
+               bool) {}
+
+#endif
+
+}  // namespace cpu
+}  // namespace udat
