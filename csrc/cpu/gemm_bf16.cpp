@@ -44,24 +44,101 @@ inline uint32_t pair_of_row(const uint16_t* row, int64_t kk, int64_t n) {
   return lo | (hi << 16);
 }
 
+// The packing loops, one pair at a time: the edges the vector loops below leave (a last group of
+// fewer than 16 pairs, an odd k).
+//   gather: dst[q·stride + r] = pair q of contiguous row r (rows [0, rows), pairs [q0, q1))
+//   interleave: dst[q·stride + r] = (lo[r], hi[r]) for the two stored rows of pair q
+void gather_pairs(const uint16_t* p, int64_t ld, int64_t rows, int64_t k, int64_t q0,
+                  int64_t q1, int64_t qbase, uint32_t* dst, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* row = p + r * ld;
+    for (int64_t q = q0; q < q1; ++q) dst[(q - qbase) * stride + r] = pair_of_row(row, 2 * q, k);
+  }
+}
+
+// GCC 12 takes the undefined first operand inside the AVX-512 unpack intrinsics for an
+// uninitialized variable.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+// 16 × 16 transpose of 32-bit elements: v[i][j] becomes v[j][i].
+inline void transpose16(__m512i v[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Each 128-bit lane now holds a 4 × 4 block; move the blocks.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    v[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    v[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// Pairs q in [q0, q0 + nq) of `rows` (≤ 16) contiguous rows, 16 pairs at a time by a transpose,
+// into dst[(q - q0)·stride + lane + r] (rows past `rows` are zero).
+void gather_rows16(const uint16_t* p, int64_t ld, int64_t rows, int64_t k, int64_t q0,
+                   int64_t nq, uint32_t* dst, int64_t stride, int64_t lane) {
+  const __mmask16 keep = __mmask16((1u << rows) - 1);
+  int64_t q = q0;
+  // A group of 16 pairs reads 32 values of k from each row: only where they all exist.
+  for (; q + 16 <= q0 + nq && 2 * (q + 16) <= k; q += 16) {
+    __m512i v[16];
+    for (int r = 0; r < 16; ++r) {
+      v[r] = r < rows ? _mm512_loadu_si512(p + r * ld + 2 * q) : _mm512_setzero_si512();
+    }
+    transpose16(v);
+    for (int j = 0; j < 16; ++j) {
+      _mm512_mask_storeu_epi32(dst + (q - q0 + j) * stride + lane, keep, v[j]);
+    }
+  }
+  gather_pairs(p, ld, rows, k, q, q0 + nq, q0, dst + lane, stride);
+}
+
+// Pair q (stored rows 2q and 2q + 1, the second zero past k) of `cols` (≤ 16) consecutive
+// columns, interleaved, into dst[(q - q0)·stride + lane + c].
+void interleave16(const uint16_t* p, int64_t ld, int64_t cols, int64_t k, int64_t q0, int64_t nq,
+                  uint32_t* dst, int64_t stride, int64_t lane) {
+  const __mmask32 in = __mmask32((uint64_t(1) << cols) - 1);
+  const __mmask16 out = __mmask16((1u << cols) - 1);
+  // (lo[0], hi[0], lo[1], hi[1], ...): index c of lo, 32 + c of hi.
+  alignas(64) static const uint16_t order[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37,
+                                                 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43,
+                                                 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx = _mm512_load_si512(order);
+  for (int64_t q = q0; q < q0 + nq; ++q) {
+    const int64_t kk = 2 * q;
+    const __m512i lo = _mm512_maskz_loadu_epi16(in, p + kk * ld);
+    const __m512i hi = kk + 1 < k ? _mm512_maskz_loadu_epi16(in, p + (kk + 1) * ld)
+                                  : _mm512_setzero_si512();
+    _mm512_mask_storeu_epi32(dst + (q - q0) * stride + lane, out,
+                             _mm512_permutex2var_epi16(lo, idx, hi));
+  }
+}
+
 // op(A) rows [i0, i0 + mr) × pairs [q0, q0 + nq) into dst[q][r] (kMR per pair; rows past mr 0).
 void pack_a(const Ref& a, int64_t k, int64_t i0, int64_t mr, int64_t q0, int64_t nq,
             uint32_t* dst) {
   if (mr < kMR) std::memset(dst, 0, sizeof(uint32_t) * kMR * nq);
-  if (!a.trans) {  // stored m × k: each row's pairs are contiguous
-    for (int64_t r = 0; r < mr; ++r) {
-      const uint16_t* row = a.p + (i0 + r) * a.ld;
-      for (int64_t q = 0; q < nq; ++q) dst[q * kMR + r] = pair_of_row(row, 2 * (q0 + q), k);
-    }
+  if (!a.trans) {  // stored m × k: the pairs of each row are contiguous
+    gather_rows16(a.p + i0 * a.ld, a.ld, mr, k, q0, nq, dst, kMR, 0);
   } else {  // stored k × m: a pair takes the same column of two consecutive stored rows
-    for (int64_t q = 0; q < nq; ++q) {
-      const int64_t kk = 2 * (q0 + q);
-      const uint16_t* lo = a.p + kk * a.ld + i0;
-      const uint16_t* hi = kk + 1 < k ? lo + a.ld : nullptr;
-      for (int64_t r = 0; r < mr; ++r) {
-        dst[q * kMR + r] = uint32_t(lo[r]) | (hi ? uint32_t(hi[r]) << 16 : 0u);
-      }
-    }
+    interleave16(a.p + i0, a.ld, mr, k, q0, nq, dst, kMR, 0);
   }
 }
 
@@ -70,25 +147,15 @@ void pack_a(const Ref& a, int64_t k, int64_t i0, int64_t mr, int64_t q0, int64_t
 void pack_b(const Ref& b, int64_t k, int64_t j0, int64_t nr, int64_t q0, int64_t nq,
             uint32_t* dst) {
   if (nr < kNR) std::memset(dst, 0, sizeof(uint32_t) * kNR * nq);
-  if (b.trans) {  // stored n × k: each column of op(B) is a contiguous stored row
-    for (int64_t j = 0; j < nr; ++j) {
-      const uint16_t* row = b.p + (j0 + j) * b.ld;
-      for (int64_t q = 0; q < nq; ++q) dst[q * kNR + j] = pair_of_row(row, 2 * (q0 + q), k);
-    }
-  } else {  // stored k × n: interleave two consecutive stored rows
-    for (int64_t q = 0; q < nq; ++q) {
-      const int64_t kk = 2 * (q0 + q);
-      const uint16_t* lo = b.p + kk * b.ld + j0;
-      const uint16_t* hi = kk + 1 < k ? lo + b.ld : nullptr;
-      for (int64_t j = 0; j < nr; ++j) {
-        dst[q * kNR + j] = uint32_t(lo[j]) | (hi ? uint32_t(hi[j]) << 16 : 0u);
-      }
+  for (int64_t h = 0; h < kNR && h < nr; h += 16) {
+    const int64_t cols = std::min<int64_t>(16, nr - h);
+    if (b.trans) {  // stored n × k: each column of op(B) is a contiguous stored row
+      gather_rows16(b.p + (j0 + h) * b.ld, b.ld, cols, k, q0, nq, dst, kNR, h);
+    } else {  // stored k × n: interleave two consecutive stored rows
+      interleave16(b.p + j0 + h, b.ld, cols, k, q0, nq, dst, kNR, h);
     }
   }
 }
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
 // C tile (kMR × kNR at c, stride ldc) = (accumulate ? C : 0) + Σ_q a[q]·b[q].
 void micro_kernel(int64_t nq, const uint32_t* __restrict a, const uint32_t* __restrict b,
@@ -240,20 +307,24 @@ void gemm_bf16(int64_t m, int64_t n, int64_t k, MatRef<uint16_t> a, MatRef<uint1
   const bool split_k = threads > 1 && pairs >= 4 * kKC * threads && k >= 8 * std::max(m, n) &&
                        m * n * threads <= (int64_t(16) << 20);
   if (split_k) {
-    std::vector<float> part(size_t(m * n * threads));
+    // Thread 0 sums into C itself, the others into private parts added afterwards in order.
+    std::vector<float> part(size_t(m * n * (threads - 1)));
     at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
-        compute_range(pr, 0, m, 0, n, split(pairs, threads, 1, t), split(pairs, threads, 1, t + 1),
-                      part.data() + t * m * n, n, false);
+        const int64_t qa = split(pairs, threads, 1, t), qb = split(pairs, threads, 1, t + 1);
+        if (t == 0) {
+          compute_range(pr, 0, m, 0, n, qa, qb, c, ldc, accumulate);
+        } else {
+          compute_range(pr, 0, m, 0, n, qa, qb, part.data() + (t - 1) * m * n, n, false);
+        }
       }
     });
     at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        float* ci = c + i * ldc;
-        for (int64_t j = 0; j < n; ++j) {
-          float s = accumulate ? ci[j] : 0.0f;
-          for (int64_t t = 0; t < threads; ++t) s += part[(t * m + i) * n + j];
-          ci[j] = s;
+        for (int64_t t = 1; t < threads; ++t) {
+          const float* pi = part.data() + ((t - 1) * m + i) * n;
+          float* ci = c + i * ldc;
+          for (int64_t j = 0; j < n; ++j) ci[j] += pi[j];
         }
       }
     });

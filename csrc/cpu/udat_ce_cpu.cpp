@@ -156,12 +156,13 @@ struct Problem {
   bool small;        // the small-C pass: x̂ is formed row by row, feats stays undefined
   // The row blocks take bf16 GEMMs (docs/design.md, "bfloat16 inputs"): x and weight are both
   // bf16 and the CPU has the instruction. The GEMM operands are then x and W as given (x16,
-  // w16): wa stays undefined (no float32 copy of W), and the angular logits come out as x·W_j, the
-  // epilogue dividing by |x_i| as it divides by |W_j| (raw_x).
+  // w16), with no float32 copy of either (xa, feats and wa stay undefined), and the angular
+  // logits come out as x·W_j, the epilogue dividing by |x_i| as it divides by |W_j| (raw_x).
   bool bf16 = false;
   bool raw_x = false;
+  at::TensorOptions opts;  // T on x's device
   at::Tensor x16, w16;  // (B, D), (C, D) bf16, contiguous (bf16 only)
-  at::Tensor xa;     // (B, D) x in T
+  at::Tensor xa;     // (B, D) x in T (not bf16)
   at::Tensor feats;  // (B, D) x̂ (angular) or x (linear) in T: the left GEMM operand (not bf16)
   at::Tensor wa;     // (C, D) weight in T (not bf16)
   at::Tensor x_inv;  // (B,) 1/max(|x_i|, eps)           (angular)
@@ -198,7 +199,7 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
   P.B = x.size(0);
   P.C = weight.size(0);
   P.D = x.size(1);
-  P.xa = x.to(st).contiguous();
+  P.opts = x.options().dtype(st);
   P.small = P.C <= small_c_limit();
   P.bf16 = std::is_same_v<T, float> && !P.small && x.scalar_type() == at::kBFloat16 &&
            weight.scalar_type() == at::kBFloat16 && cpu::bf16_gemm_available();
@@ -207,6 +208,7 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
     P.x16 = x.contiguous();
     P.w16 = weight.contiguous();
   } else {
+    P.xa = x.to(st).contiguous();
     P.wa = weight.to(st).contiguous();
   }
   if (opt.normalize && P.small) {
@@ -223,10 +225,11 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
     }
   } else if (opt.normalize) {
     // Norm reductions, not pow(2).sum(): no (C, D) temporary.
-    P.x_norm = at::linalg_vector_norm(P.xa, 2, {1});
     if (P.bf16) {
+      P.x_norm = bf16_row_norms(P.x16);
       P.w_norm = bf16_row_norms(P.w16);
     } else {
+      P.x_norm = at::linalg_vector_norm(P.xa, 2, {1});
       P.w_norm = at::linalg_vector_norm(P.wa, 2, {1});
     }
     P.x_inv = P.x_norm.clamp_min(kNormEps).reciprocal();
@@ -234,7 +237,7 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
     P.col_scale = P.w_inv * opt.scale;
     // Divide rather than multiply by the reciprocal: a row parallel to a class centre then
     // gives a cosine of exactly ±1, where ψ is ill-conditioned (sqrt(1 - c²)).
-    P.feats = P.xa / P.x_norm.clamp_min(kNormEps).unsqueeze(1);
+    if (!P.bf16) P.feats = P.xa / P.x_norm.clamp_min(kNormEps).unsqueeze(1);
   } else if (!P.small && !P.bf16) {
     P.feats = P.xa;
   }
@@ -335,35 +338,8 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
   }
 }
 
-// grad x of the rows [r0, r0 + n) from gx̂ (angular: project out x̂ and divide by |x|).
-template <typename T>
-void finish_grad_x(const Problem<T>& P, const CeOptions& opt, T x_scale, int64_t r0,
-                   at::Tensor gx /* (n, D) in T, modified */) {
-  const int64_t D = P.D;
-  T* g = gx.data_ptr<T>();
-  if (!opt.normalize) {
-    if (x_scale != T(1)) gx.mul_(x_scale);
-    return;
-  }
-  const T* xh = P.feats.template data_ptr<T>();
-  const T* x_inv = P.x_inv.template data_ptr<T>();
-  const T* x_norm = P.x_norm.template data_ptr<T>();
-  at::parallel_for(0, gx.size(0), 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const int64_t i = r0 + r;
-      T* gr = g + r * D;
-      const T* xr = xh + i * D;
-      // With raw_x the row's gradient already holds 1/|x_i| (see row_epilogue).
-      const T f = (P.raw_x ? T(1) : x_inv[i]) * x_scale;
-      if (x_norm[i] >= T(kNormEps)) {
-        T dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += gr[d] * xr[d];
-        for (int64_t d = 0; d < D; ++d) gr[d] = (gr[d] - dot * xr[d]) * f;
-      } else {
-        for (int64_t d = 0; d < D; ++d) gr[d] *= f;
-      }
-    }
-  });
+const uint16_t* bf16_bits(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr());
 }
 
 // A bf16 row widened into `out` (float rows only: bf16 operands come with T = float).
@@ -375,6 +351,48 @@ const T* widen_row(const uint16_t* w, T* out, int64_t n) {
     TORCH_INTERNAL_ASSERT(false, "bf16 operands with a float64 loss");
   }
   return out;
+}
+
+// x̂ of a bf16 row of norm `norm`, into `out`: divided as make_problem divides.
+template <typename T>
+const T* unit_row(const uint16_t* x, T norm, T* out, int64_t n) {
+  widen_row(x, out, n);
+  const T d = std::max(norm, T(kNormEps));
+  for (int64_t k = 0; k < n; ++k) out[k] /= d;
+  return out;
+}
+
+// grad x of the rows [r0, r0 + n) from gx̂ (angular: project out x̂ and divide by |x|).
+template <typename T>
+void finish_grad_x(const Problem<T>& P, const CeOptions& opt, T x_scale, int64_t r0,
+                   at::Tensor gx /* (n, D) in T, rows of any stride, modified */) {
+  const int64_t D = P.D;
+  T* g = gx.data_ptr<T>();
+  if (!opt.normalize) {
+    if (x_scale != T(1)) gx.mul_(x_scale);
+    return;
+  }
+  const T* xh = P.bf16 ? nullptr : P.feats.template data_ptr<T>();
+  const auto* x16 = P.bf16 ? bf16_bits(P.x16) : nullptr;
+  const T* x_inv = P.x_inv.template data_ptr<T>();
+  const T* x_norm = P.x_norm.template data_ptr<T>();
+  at::parallel_for(0, gx.size(0), 16, [&](int64_t lo, int64_t hi) {
+    std::vector<T> row(x16 ? D : 0);  // x̂_i from the bf16 row
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t i = r0 + r;
+      T* gr = g + r * gx.stride(0);
+      const T* xr = xh ? xh + i * D : unit_row(x16 + i * D, x_norm[i], row.data(), D);
+      // With raw_x the row's gradient already holds 1/|x_i| (see row_epilogue).
+      const T f = (P.raw_x ? T(1) : x_inv[i]) * x_scale;
+      if (x_norm[i] >= T(kNormEps)) {
+        T dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += gr[d] * xr[d];
+        for (int64_t d = 0; d < D; ++d) gr[d] = (gr[d] - dot * xr[d]) * f;
+      } else {
+        for (int64_t d = 0; d < D; ++d) gr[d] *= f;
+      }
+    }
+  });
 }
 
 // grad W from the accumulated (G'ᵀ x̂) (angular: project out ŵ; the 1/|W| is already in G').
@@ -428,7 +446,7 @@ void small_pass(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
       B, std::max<int64_t>(kSmallChunks, (B + kSmallChunkRows - 1) / kSmallChunkRows));
   const bool grads = out.k != nullptr;
   const bool grad_x_direct = grads && out.grad_x.scalar_type() == st;
-  at::Tensor gx_t = grads && !grad_x_direct ? at::empty({B, D}, P.xa.options()) : at::Tensor();
+  at::Tensor gx_t = grads && !grad_x_direct ? at::empty({B, D}, P.opts) : at::Tensor();
   T* gx_all = grads ? (grad_x_direct ? out.grad_x.template data_ptr<T>()
                                      : gx_t.template data_ptr<T>())
                     : nullptr;
@@ -518,10 +536,6 @@ void gemm(int64_t m, int64_t n, int64_t k, cpu::MatRef<T> a, cpu::MatRef<T> b, T
   }
 }
 
-const uint16_t* bf16_bits(const at::Tensor& t) {
-  return reinterpret_cast<const uint16_t*>(t.data_ptr());
-}
-
 // One pass over all row blocks: logits GEMM, fused epilogue, and (with out.k) the two gradient
 // GEMMs. With bf16 GEMMs (Problem::bf16) the epilogue rounds each row of the logit gradient to
 // bf16 in place (a block of stride 2C), which the two gradient GEMMs read with x and W as given.
@@ -537,10 +551,14 @@ void run_blocks(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
       1, std::min<int64_t>(P.B, block_bytes() / std::max<int64_t>(1, C * int64_t(sizeof(T)))));
   const int64_t blocks = P.B > 0 ? (P.B + max_rows - 1) / max_rows : 1;
   const int64_t rows = std::max<int64_t>(1, (P.B + blocks - 1) / blocks);
-  at::Tensor buf = at::empty({rows, C}, P.xa.options().dtype(st));
+  at::Tensor buf = at::empty({rows, C}, P.opts);
   const bool grad_x_direct = out.k && out.grad_x.scalar_type() == st;
+  // With bf16 GEMMs the bf16 logit gradient fills the first half of each row of the block; the
+  // float32 grad x of the row goes into the second half, where it fits (no extra buffer).
+  const int64_t gx_offset = ((C + 1) / 2 + 15) / 16 * 16;
+  const bool gx_in_block = P.bf16 && gx_offset + D <= C;
   at::Tensor gx_buf;
-  if (out.k && !grad_x_direct) gx_buf = at::empty({rows, D}, P.xa.options().dtype(st));
+  if (out.k && !grad_x_direct && !gx_in_block) gx_buf = at::empty({rows, D}, P.opts);
   T* z = buf.data_ptr<T>();
   const auto* g16 = reinterpret_cast<const uint16_t*>(z);  // the bf16 logit gradient, stride 2C
   const T* feats = P.bf16 ? nullptr : P.feats.template data_ptr<T>();
@@ -565,12 +583,14 @@ void run_blocks(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
       }
     });
     if (!out.k) continue;
-    at::Tensor gx = grad_x_direct ? out.grad_x.narrow(0, r0, n) : gx_buf.narrow(0, 0, n);
+    at::Tensor gx = grad_x_direct ? out.grad_x.narrow(0, r0, n)
+                    : gx_in_block ? at::from_blob(z + gx_offset, {n, D}, {C, 1}, P.opts)
+                                  : gx_buf.narrow(0, 0, n);
     if (P.bf16) {
       cpu::gemm_bf16(n, D, C, {g16, 2 * C, false}, {bf16_bits(P.w16), D, false},
-                     reinterpret_cast<float*>(gx.data_ptr<T>()), D, false);
+                     reinterpret_cast<float*>(gx.data_ptr<T>()), gx.stride(0), false);
     } else {
-      gemm<T>(n, D, C, {z, C, false}, {w, D, false}, gx.data_ptr<T>(), D, false);
+      gemm<T>(n, D, C, {z, C, false}, {w, D, false}, gx.data_ptr<T>(), gx.stride(0), false);
     }
     finish_grad_x(P, opt, out.x_scale, r0, gx);
     if (!grad_x_direct) out.grad_x.narrow(0, r0, n).copy_(gx);
@@ -621,7 +641,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(const Problem<T>& P,
                                                             PassOut<T>& out) {
   finish_grad_w(P, opt, out.grad_w_acc);
   at::Tensor gw = out.grad_w_acc.to(weight.scalar_type());
-  at::Tensor gb = bias ? out.grad_b_acc.to(bias->scalar_type()) : at::empty({0}, P.xa.options());
+  at::Tensor gb = bias ? out.grad_b_acc.to(bias->scalar_type()) : at::empty({0}, P.opts);
   return {out.grad_x, gw, gb};
 }
 
