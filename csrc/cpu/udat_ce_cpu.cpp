@@ -154,10 +154,11 @@ template <typename T>
 struct Problem {
   int64_t B, C, D;
   bool small;        // the small-C pass: x̂ is formed row by row, feats stays undefined
-  // The row blocks take bf16 GEMMs (docs/design.md, "bfloat16 inputs"): x and weight are both
-  // bf16 and the CPU has the instruction. The GEMM operands are then x and W as given (x16,
-  // w16), with no float32 copy of either (xa, feats and wa stay undefined), and the angular
-  // logits come out as x·W_j, the epilogue dividing by |x_i| as it divides by |W_j| (raw_x).
+  // The row blocks take bf16 GEMMs (docs/design.md, "bfloat16 inputs on the CPU"): x and
+  // weight are both bf16 and the CPU has the instruction. The GEMM operands are then x and W as
+  // given (x16, w16), with no float32 copy of either (xa, feats and wa stay undefined), and the
+  // angular logits come out as x·W_j, the epilogue dividing by |x_i| as it divides by |W_j|
+  // (raw_x).
   bool bf16 = false;
   bool raw_x = false;
   at::TensorOptions opts;  // T on x's device
