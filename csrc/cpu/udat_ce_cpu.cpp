@@ -11,9 +11,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -41,6 +46,18 @@ constexpr int64_t kDefaultSmallC = cpu::kSmallHeadMax;
 
 int64_t small_c_limit() {
   return std::min<int64_t>(env_knob("UDAT_CPU_SMALL_C", kDefaultSmallC, 0), cpu::kSmallHeadMax);
+}
+
+// A large buffer in 2 MiB pages where the kernel gives them on request (transparent huge pages in
+// "madvise" mode): the logits block and the grad-W accumulator are fresh memory on every call,
+// and in 4 KiB pages their first writes cost a page fault each.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + t.nbytes()) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
 }
 
 void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
@@ -397,25 +414,32 @@ void finish_grad_x(const Problem<T>& P, const CeOptions& opt, T x_scale, int64_t
 }
 
 // grad W from the accumulated (G'ᵀ x̂) (angular: project out ŵ; the 1/|W| is already in G').
+// With out16 (bf16 GEMMs), each finished row is also rounded to bf16 into out16 (C, D), the
+// accumulator's row serving as scratch: one pass over the accumulator.
 template <typename T>
-void finish_grad_w(const Problem<T>& P, const CeOptions& opt, at::Tensor acc) {
-  if (!opt.normalize) return;
+void finish_grad_w(const Problem<T>& P, const CeOptions& opt, at::Tensor acc, uint16_t* out16) {
+  if (!opt.normalize && !out16) return;
   const int64_t D = P.D;
   T* g = acc.data_ptr<T>();
   const T* w = P.bf16 ? nullptr : P.wa.template data_ptr<T>();
-  const auto* w16 = P.bf16 ? reinterpret_cast<const uint16_t*>(P.w16.data_ptr()) : nullptr;
-  const T* w_inv = P.w_inv.template data_ptr<T>();
-  const T* w_norm = P.w_norm.template data_ptr<T>();
+  const auto* w16 = P.bf16 ? bf16_bits(P.w16) : nullptr;
+  const T* w_inv = opt.normalize ? P.w_inv.template data_ptr<T>() : nullptr;
+  const T* w_norm = opt.normalize ? P.w_norm.template data_ptr<T>() : nullptr;
   at::parallel_for(0, P.C, 64, [&](int64_t lo, int64_t hi) {
-    std::vector<T> row(w16 ? D : 0);  // a bf16 row of W, widened
+    std::vector<T> row(w16 && opt.normalize ? D : 0);  // a bf16 row of W, widened
     for (int64_t j = lo; j < hi; ++j) {
-      if (!(w_norm[j] >= T(kNormEps))) continue;
       T* gr = g + j * D;
-      const T* wr = w ? w + j * D : widen_row(w16 + j * D, row.data(), D);
-      T dot = 0;
-      for (int64_t d = 0; d < D; ++d) dot += gr[d] * wr[d];
-      const T f = dot * w_inv[j] * w_inv[j];  // (g·ŵ) ŵ = (g·w) w / |w|²
-      for (int64_t d = 0; d < D; ++d) gr[d] -= f * wr[d];
+      if (opt.normalize && w_norm[j] >= T(kNormEps)) {
+        const T* wr = w ? w + j * D : widen_row(w16 + j * D, row.data(), D);
+        const T f = T(dot(gr, wr, D)) * w_inv[j] * w_inv[j];  // (g·ŵ) ŵ = (g·w) w / |w|²
+        for (int64_t d = 0; d < D; ++d) gr[d] -= f * wr[d];
+      }
+      if constexpr (std::is_same_v<T, float>) {
+        if (out16) {
+          cpu::round_row_to_bf16(gr, D);
+          std::memcpy(out16 + j * D, gr, sizeof(uint16_t) * D);
+        }
+      }
     }
   });
 }
@@ -553,6 +577,7 @@ void run_blocks(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
   const int64_t blocks = P.B > 0 ? (P.B + max_rows - 1) / max_rows : 1;
   const int64_t rows = std::max<int64_t>(1, (P.B + blocks - 1) / blocks);
   at::Tensor buf = at::empty({rows, C}, P.opts);
+  advise_huge_pages(buf);
   const bool grad_x_direct = out.k && out.grad_x.scalar_type() == st;
   // With bf16 GEMMs the bf16 logit gradient fills the first half of each row of the block; the
   // float32 grad x of the row goes into the second half, where it fits (no extra buffer).
@@ -631,6 +656,7 @@ void alloc_grads(const Problem<T>& P, const at::Tensor& x, const at::Tensor& wei
   // Zeroed only for an empty batch; otherwise the first row block overwrites it.
   out.grad_w_acc = P.B == 0 ? at::zeros({P.C, P.D}, weight.options().dtype(st))
                             : at::empty({P.C, P.D}, weight.options().dtype(st));
+  if (!P.small) advise_huge_pages(out.grad_w_acc);
   if (bias) out.grad_b_acc = at::zeros({P.C}, weight.options().dtype(st));
 }
 
@@ -640,8 +666,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(const Problem<T>& P,
                                                             const at::Tensor& weight,
                                                             const OptTensor& bias,
                                                             PassOut<T>& out) {
-  finish_grad_w(P, opt, out.grad_w_acc);
-  at::Tensor gw = out.grad_w_acc.to(weight.scalar_type());
+  at::Tensor gw;
+  if (P.bf16) {
+    gw = at::empty({P.C, P.D}, weight.options());
+    finish_grad_w(P, opt, out.grad_w_acc, reinterpret_cast<uint16_t*>(gw.data_ptr()));
+  } else {
+    finish_grad_w(P, opt, out.grad_w_acc, nullptr);
+    gw = out.grad_w_acc.to(weight.scalar_type());
+  }
   at::Tensor gb = bias ? out.grad_b_acc.to(bias->scalar_type()) : at::empty({0}, P.opts);
   return {out.grad_x, gw, gb};
 }
