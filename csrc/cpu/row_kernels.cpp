@@ -56,7 +56,7 @@ UDAT_INLINE VF<W> load(const float* p) {
   return v;
 }
 template <int W>
-UDAT_INLINE void store(float* p, VF<W> v) {
+UDAT_INLINE void store(float* p, const VF<W>& v) {
   std::memcpy(p, &v, sizeof v);
 }
 template <int W>
@@ -64,7 +64,7 @@ UDAT_INLINE VF<W> splat(float a) {
   return VF<W>{} + a;
 }
 template <int W>
-UDAT_INLINE double hsum(VF<W> v) {
+UDAT_INLINE double hsum(const VF<W>& v) {
   double s = 0;
   for (int l = 0; l < W; ++l) s += v[l];
   return s;
@@ -74,7 +74,7 @@ UDAT_INLINE double hsum(VF<W> v) {
 // Inputs below -87.3 give 2^-126 instead of a denormal or 0, negligible beside the sum's >= 1
 // term; NaN stays NaN (both clamps compare false).
 template <int W>
-UDAT_INLINE VF<W> exp_poly(VF<W> x) {
+UDAT_INLINE VF<W> exp_poly(const VF<W>& x) {
   const VF<W> lo = splat<W>(-87.3f), hi = splat<W>(88.0f);
   VF<W> xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
