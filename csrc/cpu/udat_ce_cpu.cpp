@@ -11,10 +11,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -46,18 +42,6 @@ constexpr int64_t kDefaultSmallC = cpu::kSmallHeadMax;
 
 int64_t small_c_limit() {
   return std::min<int64_t>(env_knob("UDAT_CPU_SMALL_C", kDefaultSmallC, 0), cpu::kSmallHeadMax);
-}
-
-// A large buffer in 2 MiB pages where the kernel gives them on request (transparent huge pages in
-// "madvise" mode): the logits block and the grad-W accumulator are fresh memory on every call,
-// and in 4 KiB pages their first writes cost a page fault each.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + t.nbytes()) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
 }
 
 void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
@@ -577,7 +561,6 @@ void run_blocks(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
   const int64_t blocks = P.B > 0 ? (P.B + max_rows - 1) / max_rows : 1;
   const int64_t rows = std::max<int64_t>(1, (P.B + blocks - 1) / blocks);
   at::Tensor buf = at::empty({rows, C}, P.opts);
-  advise_huge_pages(buf);
   const bool grad_x_direct = out.k && out.grad_x.scalar_type() == st;
   // With bf16 GEMMs the bf16 logit gradient fills the first half of each row of the block; the
   // float32 grad x of the row goes into the second half, where it fits (no extra buffer).
@@ -656,7 +639,6 @@ void alloc_grads(const Problem<T>& P, const at::Tensor& x, const at::Tensor& wei
   // Zeroed only for an empty batch; otherwise the first row block overwrites it.
   out.grad_w_acc = P.B == 0 ? at::zeros({P.C, P.D}, weight.options().dtype(st))
                             : at::empty({P.C, P.D}, weight.options().dtype(st));
-  if (!P.small) advise_huge_pages(out.grad_w_acc);
   if (bias) out.grad_b_acc = at::zeros({P.C}, weight.options().dtype(st));
 }
 
