@@ -5,9 +5,10 @@
 //   no float32 precision switch can turn it into a bfloat16 or TF32 GEMM (docs/math.md,
 //   "Precision policy for float32"); at::mm itself follows them on this CPU.
 // - bfloat16: a GEMM of our own on the AVX-512 BF16 dot-product instruction (bf16 products,
-//   exact in float32, summed in float32) with a float32 C, which ATen does not offer: its bf16
-//   GEMM rounds C to bf16, and the one with a float32 C is MKL's, which is slow on CPUs of other
-//   vendors. Only where the CPU has the instruction (bf16_gemm_available).
+//   exact in float32, summed in float32) with a float32 C, which ATen does not offer fast: its
+//   bf16 GEMM (oneDNN) rounds C to bf16, and the one with a float32 C is MKL's, which on this
+//   AMD CPU runs no faster than the float32 GEMM. Only where the CPU has the instruction
+//   (bf16_gemm_available).
 #pragma once
 
 #include <cstdint>
