@@ -14,11 +14,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../udat_ce.h"
+#include "gemm.h"
 #include "row_kernels.h"
 
 namespace udat {
@@ -53,12 +56,12 @@ void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
 // Loops over one row of logits. float rows take the vectorized kernels of row_kernels.cpp; the
 // templates serve float64.
 template <typename T>
-void scale_bias(T* z, int64_t n, const T* col_scale, const T* bias) {
-  if (col_scale) for (int64_t j = 0; j < n; ++j) z[j] *= col_scale[j];
+void scale_bias(T* z, int64_t n, const T* col_scale, const T* bias, T row_scale) {
+  if (col_scale) for (int64_t j = 0; j < n; ++j) z[j] = (z[j] * row_scale) * col_scale[j];
   if (bias) for (int64_t j = 0; j < n; ++j) z[j] += bias[j];
 }
-void scale_bias(float* z, int64_t n, const float* col_scale, const float* bias) {
-  cpu::scale_bias(z, n, col_scale, bias);
+void scale_bias(float* z, int64_t n, const float* col_scale, const float* bias, float row_scale) {
+  cpu::scale_bias(z, n, col_scale, bias, row_scale);
 }
 
 template <typename T>
@@ -152,9 +155,18 @@ template <typename T>
 struct Problem {
   int64_t B, C, D;
   bool small;        // the small-C pass: x̂ is formed row by row, feats stays undefined
-  at::Tensor xa;     // (B, D) x in T
-  at::Tensor feats;  // (B, D) the left GEMM operand: x̂ (angular) or x (linear)
-  at::Tensor wa;     // (C, D) weight in T
+  // The row blocks take bf16 GEMMs (docs/design.md, "bfloat16 inputs on the CPU"): x and
+  // weight are both bf16 and the CPU has the instruction. The GEMM operands are then x and W as
+  // given (x16, w16), with no float32 copy of either (xa, feats and wa stay undefined), and the
+  // angular logits come out as x·W_j, the epilogue dividing by |x_i| as it divides by |W_j|
+  // (raw_x).
+  bool bf16 = false;
+  bool raw_x = false;
+  at::TensorOptions opts;  // T on x's device
+  at::Tensor x16, w16;  // (B, D), (C, D) bf16, contiguous (bf16 only)
+  at::Tensor xa;     // (B, D) x in T (not bf16)
+  at::Tensor feats;  // (B, D) x̂ (angular) or x (linear) in T: the left GEMM operand (not bf16)
+  at::Tensor wa;     // (C, D) weight in T (not bf16)
   at::Tensor x_inv;  // (B,) 1/max(|x_i|, eps)           (angular)
   at::Tensor w_inv;  // (C,) 1/max(|W_j|, eps)           (angular)
   at::Tensor col_scale;  // (C,) s/max(|W_j|, eps)       (angular)
@@ -168,6 +180,18 @@ struct Problem {
   T denom;           // Σ_{i not ignored} v_i w_{y_i}: the mean's divisor
 };
 
+// |W_j| of bf16 rows, in float32 from double sums, without a float32 copy of W.
+at::Tensor bf16_row_norms(const at::Tensor& w16) {
+  const int64_t C = w16.size(0), D = w16.size(1);
+  at::Tensor norms = at::empty({C}, w16.options().dtype(at::kFloat));
+  const auto* w = reinterpret_cast<const uint16_t*>(w16.data_ptr());
+  float* out = norms.data_ptr<float>();
+  at::parallel_for(0, C, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) out[j] = float(std::sqrt(cpu::sq_norm_bf16(w + j * D, D)));
+  });
+  return norms;
+}
+
 template <typename T>
 Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
                         const OptTensor& bias, const OptTensor& class_weight,
@@ -177,9 +201,18 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
   P.B = x.size(0);
   P.C = weight.size(0);
   P.D = x.size(1);
-  P.xa = x.to(st).contiguous();
-  P.wa = weight.to(st).contiguous();
+  P.opts = x.options().dtype(st);
   P.small = P.C <= small_c_limit();
+  P.bf16 = std::is_same_v<T, float> && !P.small && x.scalar_type() == at::kBFloat16 &&
+           weight.scalar_type() == at::kBFloat16 && cpu::bf16_gemm_available();
+  P.raw_x = P.bf16 && opt.normalize;
+  if (P.bf16) {
+    P.x16 = x.contiguous();
+    P.w16 = weight.contiguous();
+  } else {
+    P.xa = x.to(st).contiguous();
+    P.wa = weight.to(st).contiguous();
+  }
   if (opt.normalize && P.small) {
     // A few class centres: their norms by loops, not by a handful of tiny ATen ops.
     P.w_norm = at::empty({P.C}, P.wa.options());
@@ -194,15 +227,20 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
     }
   } else if (opt.normalize) {
     // Norm reductions, not pow(2).sum(): no (C, D) temporary.
-    P.x_norm = at::linalg_vector_norm(P.xa, 2, {1});
-    P.w_norm = at::linalg_vector_norm(P.wa, 2, {1});
+    if (P.bf16) {
+      P.x_norm = bf16_row_norms(P.x16);
+      P.w_norm = bf16_row_norms(P.w16);
+    } else {
+      P.x_norm = at::linalg_vector_norm(P.xa, 2, {1});
+      P.w_norm = at::linalg_vector_norm(P.wa, 2, {1});
+    }
     P.x_inv = P.x_norm.clamp_min(kNormEps).reciprocal();
     P.w_inv = P.w_norm.clamp_min(kNormEps).reciprocal();
     P.col_scale = P.w_inv * opt.scale;
     // Divide rather than multiply by the reciprocal: a row parallel to a class centre then
     // gives a cosine of exactly ±1, where ψ is ill-conditioned (sqrt(1 - c²)).
-    P.feats = P.xa / P.x_norm.clamp_min(kNormEps).unsqueeze(1);
-  } else if (!P.small) {
+    if (!P.bf16) P.feats = P.xa / P.x_norm.clamp_min(kNormEps).unsqueeze(1);
+  } else if (!P.small && !P.bf16) {
     P.feats = P.xa;
   }
   if (class_weight) P.cw = class_weight->to(st).contiguous();
@@ -247,12 +285,17 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
   const T* col_scale = opt.normalize ? P.col_scale.template data_ptr<T>() : nullptr;
   const T* bias = P.bias.defined() ? P.bias.template data_ptr<T>() : nullptr;
 
+  // bf16 GEMMs leave |x_i| in the angular logits (Problem::raw_x): divide it out here, and put
+  // 1/|x_i| into the row's gradient, which then feeds the GEMMs with x as given.
+  const T x_div = P.raw_x ? std::max(P.x_norm.template data_ptr<T>()[i], T(kNormEps)) : T(1);
+  const T row_scale = P.raw_x ? P.x_inv.template data_ptr<T>()[i] : T(1);
   T c_y = 0;  // the target cosine, kept for ψ'
   if (opt.normalize && valid) {
     // Divide rather than multiply by 1/|W_y| (see make_problem).
-    c_y = z[y] / std::max(P.w_norm.template data_ptr<T>()[y], T(kNormEps));
+    const T z_y = P.raw_x ? z[y] / x_div : z[y];
+    c_y = z_y / std::max(P.w_norm.template data_ptr<T>()[y], T(kNormEps));
   }
-  scale_bias(z, C, col_scale, bias);
+  scale_bias(z, C, col_scale, bias, row_scale);
   if (opt.normalize && valid) z[y] = mp.scale * margin_psi(c_y, mp);
 
   T lse;
@@ -282,7 +325,7 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
   }
 
   if (!out.k) return;
-  const T k = valid ? out.k[i] : T(0);
+  const T k = valid ? out.k[i] * row_scale : T(0);
   if (k == T(0)) {
     std::fill(z, z + C, T(0));
     return;
@@ -297,25 +340,52 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
   }
 }
 
+const uint16_t* bf16_bits(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr());
+}
+
+// A bf16 row widened into `out` (float rows only: bf16 operands come with T = float).
+template <typename T>
+const T* widen_row(const uint16_t* w, T* out, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    cpu::bf16_to_float(w, out, n);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "bf16 operands with a float64 loss");
+  }
+  return out;
+}
+
+// x̂ of a bf16 row of norm `norm`, into `out`: divided as make_problem divides.
+template <typename T>
+const T* unit_row(const uint16_t* x, T norm, T* out, int64_t n) {
+  widen_row(x, out, n);
+  const T d = std::max(norm, T(kNormEps));
+  for (int64_t k = 0; k < n; ++k) out[k] /= d;
+  return out;
+}
+
 // grad x of the rows [r0, r0 + n) from gx̂ (angular: project out x̂ and divide by |x|).
 template <typename T>
 void finish_grad_x(const Problem<T>& P, const CeOptions& opt, T x_scale, int64_t r0,
-                   at::Tensor gx /* (n, D) in T, modified */) {
+                   at::Tensor gx /* (n, D) in T, rows of any stride, modified */) {
   const int64_t D = P.D;
   T* g = gx.data_ptr<T>();
   if (!opt.normalize) {
     if (x_scale != T(1)) gx.mul_(x_scale);
     return;
   }
-  const T* xh = P.feats.template data_ptr<T>();
+  const T* xh = P.bf16 ? nullptr : P.feats.template data_ptr<T>();
+  const auto* x16 = P.bf16 ? bf16_bits(P.x16) : nullptr;
   const T* x_inv = P.x_inv.template data_ptr<T>();
   const T* x_norm = P.x_norm.template data_ptr<T>();
   at::parallel_for(0, gx.size(0), 16, [&](int64_t lo, int64_t hi) {
+    std::vector<T> row(x16 ? D : 0);  // x̂_i from the bf16 row
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t i = r0 + r;
-      T* gr = g + r * D;
-      const T* xr = xh + i * D;
-      const T f = x_inv[i] * x_scale;
+      T* gr = g + r * gx.stride(0);
+      const T* xr = xh ? xh + i * D : unit_row(x16 + i * D, x_norm[i], row.data(), D);
+      // With raw_x the row's gradient already holds 1/|x_i| (see row_epilogue).
+      const T f = (P.raw_x ? T(1) : x_inv[i]) * x_scale;
       if (x_norm[i] >= T(kNormEps)) {
         T dot = 0;
         for (int64_t d = 0; d < D; ++d) dot += gr[d] * xr[d];
@@ -328,23 +398,32 @@ void finish_grad_x(const Problem<T>& P, const CeOptions& opt, T x_scale, int64_t
 }
 
 // grad W from the accumulated (G'ᵀ x̂) (angular: project out ŵ; the 1/|W| is already in G').
+// With out16 (bf16 GEMMs), each finished row is also rounded to bf16 into out16 (C, D), the
+// accumulator's row serving as scratch: one pass over the accumulator.
 template <typename T>
-void finish_grad_w(const Problem<T>& P, const CeOptions& opt, at::Tensor acc) {
-  if (!opt.normalize) return;
+void finish_grad_w(const Problem<T>& P, const CeOptions& opt, at::Tensor acc, uint16_t* out16) {
+  if (!opt.normalize && !out16) return;
   const int64_t D = P.D;
   T* g = acc.data_ptr<T>();
-  const T* w = P.wa.template data_ptr<T>();
-  const T* w_inv = P.w_inv.template data_ptr<T>();
-  const T* w_norm = P.w_norm.template data_ptr<T>();
+  const T* w = P.bf16 ? nullptr : P.wa.template data_ptr<T>();
+  const auto* w16 = P.bf16 ? bf16_bits(P.w16) : nullptr;
+  const T* w_inv = opt.normalize ? P.w_inv.template data_ptr<T>() : nullptr;
+  const T* w_norm = opt.normalize ? P.w_norm.template data_ptr<T>() : nullptr;
   at::parallel_for(0, P.C, 64, [&](int64_t lo, int64_t hi) {
+    std::vector<T> row(w16 && opt.normalize ? D : 0);  // a bf16 row of W, widened
     for (int64_t j = lo; j < hi; ++j) {
-      if (!(w_norm[j] >= T(kNormEps))) continue;
       T* gr = g + j * D;
-      const T* wr = w + j * D;
-      T dot = 0;
-      for (int64_t d = 0; d < D; ++d) dot += gr[d] * wr[d];
-      const T f = dot * w_inv[j] * w_inv[j];  // (g·ŵ) ŵ = (g·w) w / |w|²
-      for (int64_t d = 0; d < D; ++d) gr[d] -= f * wr[d];
+      if (opt.normalize && w_norm[j] >= T(kNormEps)) {
+        const T* wr = w ? w + j * D : widen_row(w16 + j * D, row.data(), D);
+        const T f = T(dot(gr, wr, D)) * w_inv[j] * w_inv[j];  // (g·ŵ) ŵ = (g·w) w / |w|²
+        for (int64_t d = 0; d < D; ++d) gr[d] -= f * wr[d];
+      }
+      if constexpr (std::is_same_v<T, float>) {
+        if (out16) {
+          cpu::round_row_to_bf16(gr, D);
+          std::memcpy(out16 + j * D, gr, sizeof(uint16_t) * D);
+        }
+      }
     }
   });
 }
@@ -376,7 +455,7 @@ void small_pass(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
       B, std::max<int64_t>(kSmallChunks, (B + kSmallChunkRows - 1) / kSmallChunkRows));
   const bool grads = out.k != nullptr;
   const bool grad_x_direct = grads && out.grad_x.scalar_type() == st;
-  at::Tensor gx_t = grads && !grad_x_direct ? at::empty({B, D}, P.xa.options()) : at::Tensor();
+  at::Tensor gx_t = grads && !grad_x_direct ? at::empty({B, D}, P.opts) : at::Tensor();
   T* gx_all = grads ? (grad_x_direct ? out.grad_x.template data_ptr<T>()
                                      : gx_t.template data_ptr<T>())
                     : nullptr;
@@ -446,48 +525,97 @@ void small_pass(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
   }
 }
 
+// C = op(A)·op(B) (accumulate: +=) in T: float32 through cpu::gemm_f32 (out of reach of the
+// float32 precision switches), float64 through ATen.
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, cpu::MatRef<T> a, cpu::MatRef<T> b, T* c,
+          int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    cpu::gemm_f32(m, n, k, a, b, c, ldc, accumulate);
+  } else {
+    if (m == 0 || n == 0) return;
+    const auto view = [](const T* p, int64_t r, int64_t cols, int64_t ld) {
+      return at::from_blob(const_cast<T*>(p), {r, cols}, {ld, 1},
+                           c10::CppTypeToScalarType<T>::value);
+    };
+    at::Tensor A = a.trans ? view(a.p, k, m, a.ld).t() : view(a.p, m, k, a.ld);
+    at::Tensor B = b.trans ? view(b.p, n, k, b.ld).t() : view(b.p, k, n, b.ld);
+    at::Tensor C = view(c, m, n, ldc);
+    accumulate ? C.addmm_(A, B) : at::mm_out(C, A, B);
+  }
+}
+
 // One pass over all row blocks: logits GEMM, fused epilogue, and (with out.k) the two gradient
-// GEMMs.
+// GEMMs. With bf16 GEMMs (Problem::bf16) the epilogue rounds each row of the logit gradient to
+// bf16 in place (a block of stride 2C), which the two gradient GEMMs read with x and W as given.
 template <typename T>
 void run_blocks(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out) {
   const auto st = c10::CppTypeToScalarType<T>::value;
   const MarginParams<T> mp = cast_params<T>(
       make_margin_params(opt.scale, opt.margin, opt.cos_margin, opt.straight_through));
+  const int64_t C = P.C, D = P.D;
   // As many rows as the budget allows, spread evenly over the blocks: a small last block would
   // run the GEMMs at a poor shape.
   const int64_t max_rows = std::max<int64_t>(
-      1, std::min<int64_t>(P.B, block_bytes() / std::max<int64_t>(1, P.C * int64_t(sizeof(T)))));
+      1, std::min<int64_t>(P.B, block_bytes() / std::max<int64_t>(1, C * int64_t(sizeof(T)))));
   const int64_t blocks = P.B > 0 ? (P.B + max_rows - 1) / max_rows : 1;
   const int64_t rows = std::max<int64_t>(1, (P.B + blocks - 1) / blocks);
-  at::Tensor buf = at::empty({rows, P.C}, P.xa.options().dtype(st));
+  at::Tensor buf = at::empty({rows, C}, P.opts);
   const bool grad_x_direct = out.k && out.grad_x.scalar_type() == st;
+  // With bf16 GEMMs the bf16 logit gradient fills the first half of each row of the block; the
+  // float32 grad x of the row goes into the second half, where it fits (no extra buffer).
+  const int64_t gx_offset = ((C + 1) / 2 + 15) / 16 * 16;
+  const bool gx_in_block = P.bf16 && gx_offset + D <= C;
   at::Tensor gx_buf;
-  if (out.k && !grad_x_direct) gx_buf = at::empty({rows, P.D}, P.xa.options().dtype(st));
-  const at::Tensor wt = P.wa.t();
+  if (out.k && !grad_x_direct && !gx_in_block) gx_buf = at::empty({rows, D}, P.opts);
+  T* z = buf.data_ptr<T>();
+  const auto* g16 = reinterpret_cast<const uint16_t*>(z);  // the bf16 logit gradient, stride 2C
+  const T* feats = P.bf16 ? nullptr : P.feats.template data_ptr<T>();
+  const T* w = P.bf16 ? nullptr : P.wa.template data_ptr<T>();
 
   for (int64_t r0 = 0; r0 < P.B; r0 += rows) {
     const int64_t n = std::min(rows, P.B - r0);
-    at::Tensor zb = buf.narrow(0, 0, n);
-    const at::Tensor fb = P.feats.narrow(0, r0, n);
-    at::mm_out(zb, fb, wt);
-    T* z = zb.data_ptr<T>();
-    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, P.C));
+    if (P.bf16) {
+      cpu::gemm_bf16(n, C, D, {bf16_bits(P.x16) + r0 * D, D, false}, {bf16_bits(P.w16), D, true},
+                     reinterpret_cast<float*>(z), C, false);
+    } else {
+      gemm<T>(n, C, D, {feats + r0 * D, D, false}, {w, D, true}, z, C, false);
+    }
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C));
     at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) row_epilogue(P, opt, mp, out, r0 + r, z + r * P.C);
+      for (int64_t r = lo; r < hi; ++r) {
+        T* zr = z + r * C;
+        row_epilogue(P, opt, mp, out, r0 + r, zr);
+        if constexpr (std::is_same_v<T, float>) {
+          if (P.bf16 && out.k) cpu::round_row_to_bf16(zr, C);
+        }
+      }
     });
     if (!out.k) continue;
-    at::Tensor gx = grad_x_direct ? out.grad_x.narrow(0, r0, n) : gx_buf.narrow(0, 0, n);
-    at::mm_out(gx, zb, P.wa);
+    at::Tensor gx = grad_x_direct ? out.grad_x.narrow(0, r0, n)
+                    : gx_in_block ? at::from_blob(z + gx_offset, {n, D}, {C, 1}, P.opts)
+                                  : gx_buf.narrow(0, 0, n);
+    if (P.bf16) {
+      cpu::gemm_bf16(n, D, C, {g16, 2 * C, false}, {bf16_bits(P.w16), D, false},
+                     reinterpret_cast<float*>(gx.data_ptr<T>()), gx.stride(0), false);
+    } else {
+      gemm<T>(n, D, C, {z, C, false}, {w, D, false}, gx.data_ptr<T>(), gx.stride(0), false);
+    }
     finish_grad_x(P, opt, out.x_scale, r0, gx);
     if (!grad_x_direct) out.grad_x.narrow(0, r0, n).copy_(gx);
     // The first block writes grad W, later ones accumulate: no zero fill of a (C, D) tensor.
-    if (r0 == 0) {
-      at::Tensor gw = out.grad_w_acc;
-      at::mm_out(gw, zb.t(), fb);
+    T* gw = out.grad_w_acc.template data_ptr<T>();
+    if (P.bf16) {
+      cpu::gemm_bf16(C, D, n, {g16, 2 * C, true}, {bf16_bits(P.x16) + r0 * D, D, false},
+                     reinterpret_cast<float*>(gw), D, r0 > 0);
     } else {
-      out.grad_w_acc.addmm_(zb.t(), fb);
+      gemm<T>(C, D, n, {z, C, true}, {feats + r0 * D, D, false}, gw, D, r0 > 0);
     }
-    if (out.grad_b_acc.defined()) out.grad_b_acc.add_(zb.sum(0));
+    if (out.grad_b_acc.defined()) {
+      const at::Tensor g = P.bf16 ? at::from_blob(z, {n, C}, {2 * C, 1}, P.x16.options())
+                                  : buf.narrow(0, 0, n);
+      out.grad_b_acc.add_(P.bf16 ? g.sum(0, false, st) : g.sum(0));
+    }
   }
 }
 
@@ -520,9 +648,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(const Problem<T>& P,
                                                             const at::Tensor& weight,
                                                             const OptTensor& bias,
                                                             PassOut<T>& out) {
-  finish_grad_w(P, opt, out.grad_w_acc);
-  at::Tensor gw = out.grad_w_acc.to(weight.scalar_type());
-  at::Tensor gb = bias ? out.grad_b_acc.to(bias->scalar_type()) : at::empty({0}, P.xa.options());
+  at::Tensor gw;
+  if (P.bf16) {
+    gw = at::empty({P.C, P.D}, weight.options());
+    finish_grad_w(P, opt, out.grad_w_acc, reinterpret_cast<uint16_t*>(gw.data_ptr()));
+  } else {
+    finish_grad_w(P, opt, out.grad_w_acc, nullptr);
+    gw = out.grad_w_acc.to(weight.scalar_type());
+  }
+  at::Tensor gb = bias ? out.grad_b_acc.to(bias->scalar_type()) : at::empty({0}, P.opts);
   return {out.grad_x, gw, gb};
 }
 
