@@ -14,6 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._runtime import launch
+
+# Software-pipelining depth (Triton's default on CUDA) of the kernels that do not choose their
+# own: passed explicitly, and recorded, so that the ahead-of-time compile builds what runs.
+NUM_STAGES = 3
+
 
 def interpreting() -> bool:
     """Whether Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
@@ -150,26 +156,21 @@ def mean_denominator(target, class_weight, sample_weight, C, ignore_index) -> to
     out = torch.empty((), dtype=torch.float32, device=target.device)
     B = target.shape[0]
     block = min(1024, max(16, triton.next_power_of_2(B)))
-    _mean_denominator_kernel[(1,)](
-        target, class_weight if class_weight is not None else target,
-        sample_weight if sample_weight is not None else target, out, B, C, ignore_index,
-        HAS_CW=class_weight is not None, HAS_SW=sample_weight is not None, BLOCK=block)
+    launch(_mean_denominator_kernel, (1,),
+           (target, class_weight if class_weight is not None else target,
+            sample_weight if sample_weight is not None else target, out, B, C, ignore_index),
+           dict(HAS_CW=class_weight is not None, HAS_SW=sample_weight is not None, BLOCK=block),
+           num_warps=4, num_stages=NUM_STAGES)
     return out
 
 
-def dot_fp32(x, weight) -> bool:
+def dot_fp32(x, weight, info) -> bool:
     """Whether the logits tiles upcast to fp32 (IEEE) instead of a native half-precision dot."""
     if x.dtype != weight.dtype or x.dtype == torch.float32:
         return True
     # The interpreter's bf16 dot multiplies raw bits (numpy has no bf16); bf16 products are
     # exact in fp32, so upcasting there gives the tensor-core result.
-    return x.dtype == torch.bfloat16 and interpreting()
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    return x.dtype == torch.bfloat16 and not info.gpu
 
 
 def dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

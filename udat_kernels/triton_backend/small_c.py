@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MarginConsts, cast_rn, denominator_sum, dummy, inv_norm, margin_dpsi,
-                      margin_psi, mean_denominator, num_sms, row_scale)
+from ._common import (NUM_STAGES, MarginConsts, cast_rn, denominator_sum, dummy, inv_norm,
+                      margin_dpsi, margin_psi, mean_denominator, row_scale)
+from ._runtime import device_info, launch
 
 # Largest C served by this path: the classes are unrolled, and compile time and registers grow
 # with them (C = 64 takes minutes to compile); larger heads take the tiled path.
@@ -293,10 +294,22 @@ def _config(B: int, C: int, D: int, compute_grad: bool):
     return block_b, block_c, block_d, num_warps
 
 
-def _programs(n_blocks: int, device: torch.device) -> int:
+def _programs(n_blocks: int, info) -> int:
     cap = MAX_PROGRAMS if MAX_PROGRAMS is not None else (
-        4 * num_sms(device) if device.type == "cuda" else 2)
+        4 * info.num_sms if info.gpu else 2)
     return max(1, min(n_blocks, cap))
+
+
+# One grid function per kernel: the launch uses it, and the CPU tests check what it returns
+# against CUDA's limits at every size the backend serves.
+
+
+def _main_grid(P: int) -> tuple:
+    return (P,)
+
+
+def _grad_weight_grid(C: int, D: int, block_d: int) -> tuple:
+    return (C, triton.cdiv(D, block_d))
 
 
 def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambda, grad_loss,
@@ -313,7 +326,7 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
     dev = x.device
     block_b, block_c, block_d, num_warps = _config(B, C, D, compute_grad)
     n_blocks = triton.cdiv(B, block_b)
-    P = _programs(n_blocks, dev)
+    P = _programs(n_blocks, device_info(dev))
     gw_direct = n_blocks == 1
     f32 = dict(dtype=torch.float32, device=dev)
 
@@ -337,25 +350,26 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
     def ptr(t):
         return dummy(t, empty)
 
-    _small_c_kernel[(P,)](
+    launch(_small_c_kernel, _main_grid(P), (
         x, weight, target, ptr(bias), ptr(class_weight), ptr(sample_weight), ptr(grad_loss),
         ptr(grl_lambda), ptr(denom), ptr(loss), ptr(lse), ptr(red), ptr(gx), ptr(gw), ptr(gb),
         ptr(gw_part), ptr(col_part), ptr(wnorm),
-        B, C, D, x.stride(0), weight.stride(0), ignore_index, *consts.args(), smoothing,
-        NORMALIZE=normalize, HAS_MARGIN=consts.has_margin, STRAIGHT_THROUGH=straight_through,
-        HAS_BIAS=bias is not None, HAS_CW=class_weight is not None,
-        HAS_SW=sample_weight is not None, HAS_GLOSS=grad_loss is not None,
-        HAS_LAMBDA=grl_lambda is not None, REDUCTION=reduction, WRITE_LOSS=write_loss,
-        COMPUTE_GRAD=compute_grad, DENOM_INLINE=P == 1, SINGLE_PROGRAM=P == 1,
-        GW_DIRECT=gw_direct, NUM_C=C, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=num_warps)
+        B, C, D, x.stride(0), weight.stride(0), ignore_index, *consts.args(), smoothing),
+        dict(NORMALIZE=normalize, HAS_MARGIN=consts.has_margin, STRAIGHT_THROUGH=straight_through,
+             HAS_BIAS=bias is not None, HAS_CW=class_weight is not None,
+             HAS_SW=sample_weight is not None, HAS_GLOSS=grad_loss is not None,
+             HAS_LAMBDA=grl_lambda is not None, REDUCTION=reduction, WRITE_LOSS=write_loss,
+             COMPUTE_GRAD=compute_grad, DENOM_INLINE=P == 1, SINGLE_PROGRAM=P == 1,
+             GW_DIRECT=gw_direct, NUM_C=C, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d),
+        num_warps=num_warps, num_stages=NUM_STAGES)
 
     if compute_grad and not gw_direct:
         block_dw = min(256, max(16, triton.next_power_of_2(D)))
-        _small_c_grad_weight_kernel[(C, triton.cdiv(D, block_dw))](
-            weight, ptr(wnorm), gw_part, col_part, gw, ptr(gb), P, C, D, weight.stride(0),
-            NORMALIZE=normalize, HAS_BIAS=bias is not None,
-            BLOCK_P=min(16, triton.next_power_of_2(P)), BLOCK_D=block_dw)
+        launch(_small_c_grad_weight_kernel, _grad_weight_grid(C, D, block_dw),
+               (weight, ptr(wnorm), gw_part, col_part, gw, ptr(gb), P, C, D, weight.stride(0)),
+               dict(NORMALIZE=normalize, HAS_BIAS=bias is not None,
+                    BLOCK_P=min(16, triton.next_power_of_2(P)), BLOCK_D=block_dw),
+               num_warps=4, num_stages=NUM_STAGES)
     if red is not None:
         # A few hundred partials, summed by torch in a fixed order.
         total = red.sum(0)

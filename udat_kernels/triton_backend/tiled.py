@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MarginConsts, cast_rn, dot_fp32, dummy, margin_dpsi, margin_psi,
-                      mean_denominator, row_scale)
+from ._common import (NUM_STAGES, MarginConsts, cast_rn, dot_fp32, dummy, margin_dpsi,
+                      margin_psi, mean_denominator, row_scale)
+from ._runtime import device_info, launch
 
 # Bytes the per-chunk logits (and gradient) buffer may take; tests lower it to force chunks.
 # 2 GiB keeps (8192, 512, 10^5) to three chunks, and ~256-row chunks at 10^6 classes.
@@ -71,9 +72,13 @@ def _logits_kernel(
     """z[r, j] for rows row0 + r (r < R) and all classes j: one (BLOCK_M, BLOCK_N) tile each.
 
     z (R, C) fp32. cy (R,) receives the target's raw cosine (for ψ') from the tile holding it.
+    One grid axis (see _logits_grid): the row tiles of a class tile are consecutive programs,
+    so that the class tile of W is read once from HBM while the chunk of x stays in L2.
     """
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    n_m = tl.cdiv(R, BLOCK_M)
+    pid_m = pid % n_m
+    pid_n = pid // n_m
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = local < R
     rows = row0 + local
@@ -255,10 +260,10 @@ def _project_kernel(g_ptr, v_ptr, out_ptr, lam_ptr, N, D, stride_g, stride_v,
                  cast_rn(g * factor[:, None], out_ptr.dtype.element_ty), mask=mask)
 
 
-def _tiles(x, weight):
+def _tiles(x, weight, info):
     if TILE is not None:
         return TILE
-    if x.device.type != "cuda":
+    if not info.gpu:
         return 16, 16, 16, 4, 1
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the largest tiles whose sm_90 build
     # keeps the accumulator and the margin epilogue in registers (no spills).
@@ -294,24 +299,44 @@ def _addmm_f32(acc, a, b):
     return acc.addmm_(a.float(), b.float())
 
 
+# One grid function per kernel: the launch uses it, and the CPU tests check what it returns
+# against CUDA's limits at every size the backend serves.
+
+
+def _rows_grid(N: int, block_r: int) -> tuple:
+    return (triton.cdiv(N, block_r),)
+
+
+def _logits_grid(rows: int, C: int, bm: int, bn: int) -> tuple:
+    # Row tiles times class tiles on axis 0 (axes 1 and 2 stop at 65535 class tiles).
+    return (triton.cdiv(rows, bm) * triton.cdiv(C, bn),)
+
+
+def _softmax_grid(rows: int) -> tuple:
+    return (rows,)
+
+
+_NORM_ROWS = 16
+
+
 def _norms(t, hat_dtype=None):
     N, D = t.shape
     norm = torch.empty((N,), dtype=torch.float32, device=t.device)
     hat = torch.empty((N, D), dtype=hat_dtype, device=t.device) if hat_dtype else norm
     block_d = min(256, max(16, triton.next_power_of_2(D)))
-    _row_norm_kernel[(triton.cdiv(N, 16),)](t, norm, hat, N, D, t.stride(0),
-                                            WRITE_HAT=hat_dtype is not None, BLOCK_R=16,
-                                            BLOCK_D=block_d)
+    launch(_row_norm_kernel, _rows_grid(N, _NORM_ROWS), (t, norm, hat, N, D, t.stride(0)),
+           dict(WRITE_HAT=hat_dtype is not None, BLOCK_R=_NORM_ROWS, BLOCK_D=block_d),
+           num_warps=4, num_stages=NUM_STAGES)
     return norm, (hat if hat_dtype else None)
 
 
 def _project(g, v, out, lam, normalize):
     N, D = g.shape
     block_d = min(256, max(16, triton.next_power_of_2(D)))
-    _project_kernel[(triton.cdiv(N, 16),)](g, v, out, dummy(lam, g), N, D, g.stride(0),
-                                           v.stride(0), NORMALIZE=normalize,
-                                           HAS_LAMBDA=lam is not None, BLOCK_R=16,
-                                           BLOCK_D=block_d)
+    launch(_project_kernel, _rows_grid(N, _NORM_ROWS),
+           (g, v, out, dummy(lam, g), N, D, g.stride(0), v.stride(0)),
+           dict(NORMALIZE=normalize, HAS_LAMBDA=lam is not None, BLOCK_R=_NORM_ROWS,
+                BLOCK_D=block_d), num_warps=4, num_stages=NUM_STAGES)
 
 
 def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambda, grad_loss,
@@ -324,8 +349,9 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
     B, D = x.shape
     C = weight.shape[0]
     dev = x.device
+    info = device_info(dev)
     f32 = dict(dtype=torch.float32, device=dev)
-    bm, bn, bk, warps, stages = _tiles(x, weight)
+    bm, bn, bk, warps, stages = _tiles(x, weight, info)
     gemm = _gemm_dtype(x, weight)
     separate_g = compute_grad and gemm != torch.float32
     per_row = C * (4 + (2 if separate_g else 0))
@@ -353,21 +379,23 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
 
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
-        _logits_kernel[(triton.cdiv(rows, bm), triton.cdiv(C, bn))](
-            x, weight, target, dummy(bias, z), xnorm, wnorm, z, cy, row0, rows, C, D,
-            x.stride(0), weight.stride(0), ignore_index, *consts.args(),
-            NORMALIZE=normalize, HAS_MARGIN=need_cy, HAS_BIAS=bias is not None,
-            DOT_FP32=dot_fp32(x, weight),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-        _softmax_grad_kernel[(rows,)](
-            z, g, cy, target, dummy(class_weight, z), dummy(sample_weight, z),
-            dummy(grad_loss, z), dummy(denom, z), dummy(lse_in, z), loss_rows, lse, row0, B, C,
-            ignore_index, consts.scale, consts.cos_m, consts.sin_m, consts.threshold, smoothing,
-            NORMALIZE=normalize, HAS_MARGIN=need_cy, STRAIGHT_THROUGH=straight_through,
-            HAS_CW=class_weight is not None, HAS_SW=sample_weight is not None,
-            HAS_GLOSS=grad_loss is not None, REDUCTION=reduction, WRITE_LOSS=write_loss,
-            COMPUTE_GRAD=compute_grad, HAS_LSE=lse_in is not None,
-            BLOCK_N=min(1024, triton.next_power_of_2(C)))
+        launch(_logits_kernel, _logits_grid(rows, C, bm, bn),
+               (x, weight, target, dummy(bias, z), xnorm, wnorm, z, cy, row0, rows, C, D,
+                x.stride(0), weight.stride(0), ignore_index, *consts.args()),
+               dict(NORMALIZE=normalize, HAS_MARGIN=need_cy, HAS_BIAS=bias is not None,
+                    DOT_FP32=dot_fp32(x, weight, info), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+               num_warps=warps, num_stages=stages)
+        launch(_softmax_grad_kernel, _softmax_grid(rows),
+               (z, g, cy, target, dummy(class_weight, z), dummy(sample_weight, z),
+                dummy(grad_loss, z), dummy(denom, z), dummy(lse_in, z), loss_rows, lse, row0, B,
+                C, ignore_index, consts.scale, consts.cos_m, consts.sin_m, consts.threshold,
+                smoothing),
+               dict(NORMALIZE=normalize, HAS_MARGIN=need_cy, STRAIGHT_THROUGH=straight_through,
+                    HAS_CW=class_weight is not None, HAS_SW=sample_weight is not None,
+                    HAS_GLOSS=grad_loss is not None, REDUCTION=reduction,
+                    WRITE_LOSS=write_loss, COMPUTE_GRAD=compute_grad,
+                    HAS_LSE=lse_in is not None, BLOCK_N=min(1024, triton.next_power_of_2(C))),
+               num_warps=4, num_stages=NUM_STAGES)
         if compute_grad:
             g_chunk = g[:rows]
             _mm_f32(g_chunk, w_hat, gx_hat[row0:row0 + rows])
