@@ -13,8 +13,8 @@ Per chunk of R rows:
      written in fp32 to the (R, C) chunk buffer;
   2. `_softmax_grad_kernel` (one program per row): log-sum-exp, loss, and the gradient tile
      G = s·δ·ψ' — over z's buffer in fp32, or into a bf16 buffer for bf16 inputs;
-  3. grad x̂ = G @ Ŵ and grad ŵ += Gᵀ @ x̂ (cuBLAS GEMMs through torch.mm, fp32 accumulation
-     and output), then `_project_kernel` turns the normalized gradients into grad x / grad W
+  3. grad x̂ = G @ Ŵ and grad ŵ += Gᵀ @ x̂ (`_gemm_kernel`, fp32 accumulation and output;
+     IEEE fp32 products for fp32 operands whatever torch's TF32 switches say), then `_project_kernel` turns the normalized gradients into grad x / grad W
      (the Jacobian of x / max(‖x‖, eps)) and applies −λ to grad x.
 """
 
@@ -215,6 +215,44 @@ def _softmax_grad_kernel(
 
 
 @triton.jit
+def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                 stride_cm, ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """c (+)= a @ b: a (M, K), b (K, N) at any strides, c (M, N) fp32 with unit column stride.
+
+    The gradient GEMMs of a chunk (grad x̂ = G Ŵ, grad ŵ += Gᵀ x̂). fp32 operands multiply in
+    IEEE fp32 (input_precision="ieee": no TF32); bf16 operands on tensor cores. The tiles of a
+    column of c are consecutive programs (N = D is small: they share the a tile in L2).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    n_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // n_n
+    pid_n = pid % n_n
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    c = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c, mask=mask, other=0.0)
+    tl.store(c, acc, mask=mask)
+
+
+@triton.jit
 def _project_kernel(g_ptr, v_ptr, out_ptr, lam_ptr, N, D, stride_g, stride_v,
                     NORMALIZE: tl.constexpr, HAS_LAMBDA: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -280,23 +318,28 @@ def _gemm_dtype(x, weight):
     return torch.float32
 
 
-def _mm_f32(a, b, out):
-    """out = a @ b in fp32: a bf16 GEMM with fp32 accumulation and output."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b, out=out)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    # The same numbers on the CPU (interpreter runs): bf16 operands, fp32 products and sums.
-    return torch.mm(a.float(), b.float(), out=out)
+def _gemm(a, b, out, accumulate: bool, info):
+    """out (+)= a @ b in fp32, by _gemm_kernel: fp32 operands as IEEE fp32 products (never
+    TF32, whatever torch's precision switches say: docs/math.md, "Precision policy for
+    float32"), bf16 operands on tensor cores with fp32 accumulation."""
+    M, K = a.shape
+    N = b.shape[1]
+    bm, bn, bk, warps, stages = _gemm_tiles(a.dtype, info)
+    launch(_gemm_kernel, _gemm_grid(M, N, bm, bn),
+           (a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            out.stride(0)),
+           dict(ACCUMULATE=accumulate, DOT_FP32=a.dtype == torch.float32 or not info.gpu,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
 
 
-def _addmm_f32(acc, a, b):
-    """acc += a @ b with fp32 accumulation (acc fp32)."""
-    if a.dtype == torch.float32:
-        return acc.addmm_(a, b)
-    if a.is_cuda:
-        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    return acc.addmm_(a.float(), b.float())
+def _gemm_tiles(dtype, info):
+    if TILE is not None:
+        return TILE
+    if not info.gpu:
+        return 16, 16, 16, 4, 1
+    if dtype == torch.bfloat16:
+        return 128, 128, 32, 8, 4
+    return 64, 64, 32, 4, 2
 
 
 # One grid function per kernel: the launch uses it, and the CPU tests check what it returns
@@ -314,6 +357,10 @@ def _logits_grid(rows: int, C: int, bm: int, bn: int) -> tuple:
 
 def _softmax_grid(rows: int) -> tuple:
     return (rows,)
+
+
+def _gemm_grid(M: int, N: int, bm: int, bn: int) -> tuple:
+    return (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
 
 
 _NORM_ROWS = 16
@@ -374,7 +421,7 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
         denom = mean_denominator(target, class_weight, sample_weight, C, ignore_index)
     if compute_grad:
         gx_hat = torch.empty((B, D), **f32)
-        gw_acc = torch.zeros((C, D), **f32)
+        gw_acc = torch.empty((C, D), **f32)
         gb_acc = torch.zeros((C,), **f32) if bias is not None else None
 
     for row0 in range(0, B, R):
@@ -398,8 +445,8 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
                num_warps=4, num_stages=NUM_STAGES)
         if compute_grad:
             g_chunk = g[:rows]
-            _mm_f32(g_chunk, w_hat, gx_hat[row0:row0 + rows])
-            _addmm_f32(gw_acc, g_chunk.t(), x_hat[row0:row0 + rows])
+            _gemm(g_chunk, w_hat, gx_hat[row0:row0 + rows], False, info)
+            _gemm(g_chunk.t(), x_hat[row0:row0 + rows], gw_acc, row0 > 0, info)
             if gb_acc is not None:
                 gb_acc += g_chunk.sum(0, dtype=torch.float32)
 
