@@ -116,8 +116,7 @@ def test_recording_the_interpreted_launches(tmp_path, monkeypatch):
 
 
 def test_design_occupancy_covers_every_kernel():
-    with open(aot.DESIGN_FILE) as f:
-        design = json.load(f)["blocks_per_sm"]
+    design = aot.DESIGN
     planned = set()
     for _, B, D, C, dtype in aot.TARGET_SHAPES:
         planned |= {aot.short(k) for k, _ in plan.plan(B, D, C, dtype).launches}

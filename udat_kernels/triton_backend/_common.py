@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import launch
+from ._runtime import Cost, launch
 
 # Software-pipelining depth (Triton's default on CUDA) of the kernels that do not choose their
 # own: passed explicitly, and recorded, so that the ahead-of-time compile builds what runs.
@@ -160,7 +160,8 @@ def mean_denominator(target, class_weight, sample_weight, C, ignore_index) -> to
            (target, class_weight if class_weight is not None else target,
             sample_weight if sample_weight is not None else target, out, B, C, ignore_index),
            dict(HAS_CW=class_weight is not None, HAS_SW=sample_weight is not None, BLOCK=block),
-           num_warps=4, num_stages=NUM_STAGES)
+           num_warps=4, num_stages=NUM_STAGES,
+           cost=Cost(bytes=B * 16, inflight=block * 16, barriers=2))
     return out
 
 

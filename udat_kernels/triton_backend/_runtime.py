@@ -148,16 +148,32 @@ def spec_key(spec: dict) -> str:
     return json.dumps(spec, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What a launch moves and computes, as its launcher declares it: the input of the
+    performance model (benchmarks/model_triton.py; docs/design.md, "Performance model")."""
+
+    bytes: float = 0.0  # HBM bytes read + written by the whole launch (L2-resident data once)
+    flops: float = 0.0  # flops of its dot products
+    dot: str | None = None  # "bf16": tensor cores; "fp32": IEEE fp32 FMA; None: no dots
+    inflight: float = 0.0  # bytes one program has in flight at once (one step's loads x stages)
+    barriers: int = 0  # block-wide barriers on the longest program's path
+    logits: float = 0.0  # of `bytes`, those that scale with B×C (bytes per logit)
+
+
 class Recorder:
-    """Distinct specializations (and every grid) of the launches made while it is active."""
+    """Distinct specializations, and every launch (kernel, grid, cost), made while active."""
 
     def __init__(self):
         self.specs: dict[str, dict] = {}
-        self.grids: list[tuple[str, tuple]] = []
         self.launches: list[tuple[str, tuple]] = []  # (kernel, grid) in launch order
+        self.costs: list[tuple[str, tuple, Cost, dict | None]] = []  # with spec (None: torch)
+        self.allocated = 0  # bytes of the buffers the launchers noted (note_buffer)
+        self.peak = 0
 
-    def add(self, spec: dict, grid: tuple) -> bool:
+    def add(self, spec: dict, grid: tuple, cost: Cost) -> bool:
         self.launches.append((spec["kernel"], grid))
+        self.costs.append((spec["kernel"], grid, cost, spec))
         key = spec_key(spec)
         if key in self.specs:
             return False
@@ -211,15 +227,28 @@ def _record_to_file(spec: dict) -> None:
         f.write(key + "\n")
 
 
+def torch_kernel(name: str, cost: Cost) -> None:
+    """Note a kernel that torch launches for a launcher (a fill, a small reduction)."""
+    for rec in _recorders:
+        rec.costs.append((f"torch:{name}", (1,), cost, None))
+
+
+def note_buffer(nbytes: float, freed: bool = False) -> None:
+    """Note a large buffer a launcher allocates (or frees): the model's extra peak memory."""
+    for rec in _recorders:
+        rec.allocated += -nbytes if freed else nbytes
+        rec.peak = max(rec.peak, rec.allocated)
+
+
 def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int,
-           num_stages: int) -> None:
+           num_stages: int, cost: Cost = Cost()) -> None:
     """Launch `kernel` on `grid` (checked), recording its specialization where asked."""
     grid = tuple(int(g) for g in grid)
     check_grid(kernel_id(kernel), grid)
     if _recorders or os.environ.get("UDAT_TRITON_SPECS"):
         spec = specialization(kernel, args, constexprs, num_warps, num_stages)
         for rec in _recorders:
-            rec.add(spec, grid)
+            rec.add(spec, grid, cost)
         if not dry_run():
             _record_to_file(spec)
     if dry_run():

@@ -17,7 +17,7 @@ module; the cubin's resource usage and SASS give registers, shared memory, spill
 
 Fails (exit 1) when a kernel does not compile, when any build spills (local-memory stores),
 when an fp32 dot is built as TF32 mma, or when a kernel planned at a GPU target shape has fewer
-blocks per SM than docs/gpu/triton_design_occupancy.json says it is designed for. Must run
+blocks per SM than design.py says it is designed for. Must run
 without TRITON_INTERPRET (the kernels bind to the interpreter when it is set at import).
 """
 
@@ -39,8 +39,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DESIGN_FILE = os.path.join(ROOT, "docs", "gpu", "triton_design_occupancy.json")
+from .design import BLOCKS_PER_SM as DESIGN
 
 # The GPU target shapes of the performance model (docs/design.md, "Performance model"):
 # (label, B, D, C, dtype).
@@ -250,7 +249,7 @@ def check(specs: dict, results: dict, design: dict) -> list[str]:
         planned = [o for o in spec["origins"] if o != "tests"]
         want = design.get(short(spec["kernel"]))
         if planned and want is None:
-            fails.append(f"{name}: no design occupancy in {os.path.relpath(DESIGN_FILE, ROOT)}")
+            fails.append(f"{name}: no design occupancy in design.py")
         elif planned and r["blocks_per_sm"] < want:
             fails.append(f"{name}: {r['blocks_per_sm']} blocks per SM compiled, designed for "
                          f"{want} ({', '.join(planned)})")
@@ -327,8 +326,7 @@ def main(argv=None) -> int:
                 specs[key]["origins"] += spec["origins"]
             else:
                 specs[key] = spec
-    with open(DESIGN_FILE) as f:
-        design = json.load(f)["blocks_per_sm"]
+    design = DESIGN
     work = [(k, {x: v for x, v in s.items() if x != "origins"}, args.arch)
             for k, s in specs.items()]
     results = {}

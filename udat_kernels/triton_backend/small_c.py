@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._common import (NUM_STAGES, MarginConsts, cast_rn, denominator_sum, dummy, inv_norm,
                       margin_dpsi, margin_psi, mean_denominator, row_scale)
-from ._runtime import device_info, launch
+from ._runtime import Cost, device_info, launch, torch_kernel
 
 # Largest C served by this path: the classes are unrolled, and compile time and registers grow
 # with them (C = 64 takes minutes to compile); larger heads take the tiled path.
@@ -350,6 +350,17 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
     def ptr(t):
         return dummy(t, empty)
 
+    # Traffic: x once (pass 2 re-reads the block while it is in L2), W once (L2-resident),
+    # grad x once; the partials are read and rewritten once per row block of a program.
+    ex, ew = x.element_size(), weight.element_size()
+    per_prog = triton.cdiv(n_blocks, P)
+    steps = per_prog * triton.cdiv(D, block_d) * (2 if compute_grad else 1)
+    main_cost = Cost(
+        bytes=B * D * ex * (2 if compute_grad else 1) + C * D * ew + B * 12
+        + (0 if gw_direct or not compute_grad else P * C * (D + 1) * 4 * (2 * per_prog - 1)),
+        inflight=block_b * block_d * ex * (NUM_STAGES - 1),
+        barriers=steps * (C + 1))
+
     launch(_small_c_kernel, _main_grid(P), (
         x, weight, target, ptr(bias), ptr(class_weight), ptr(sample_weight), ptr(grad_loss),
         ptr(grl_lambda), ptr(denom), ptr(loss), ptr(lse), ptr(red), ptr(gx), ptr(gw), ptr(gb),
@@ -361,7 +372,7 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
              HAS_LAMBDA=grl_lambda is not None, REDUCTION=reduction, WRITE_LOSS=write_loss,
              COMPUTE_GRAD=compute_grad, DENOM_INLINE=P == 1, SINGLE_PROGRAM=P == 1,
              GW_DIRECT=gw_direct, NUM_C=C, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d),
-        num_warps=num_warps, num_stages=NUM_STAGES)
+        num_warps=num_warps, num_stages=NUM_STAGES, cost=main_cost)
 
     if compute_grad and not gw_direct:
         block_dw = min(256, max(16, triton.next_power_of_2(D)))
@@ -369,9 +380,15 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
                (weight, ptr(wnorm), gw_part, col_part, gw, ptr(gb), P, C, D, weight.stride(0)),
                dict(NORMALIZE=normalize, HAS_BIAS=bias is not None,
                     BLOCK_P=min(16, triton.next_power_of_2(P)), BLOCK_D=block_dw),
-               num_warps=4, num_stages=NUM_STAGES)
+               num_warps=4, num_stages=NUM_STAGES,
+               cost=Cost(bytes=P * C * (D + 1) * 4 + 2 * C * D * ew,
+                         inflight=min(16, P) * block_dw * 4 * (NUM_STAGES - 1),
+                         barriers=triton.cdiv(P, 16)))
     if red is not None:
         # A few hundred partials, summed by torch in a fixed order.
+        torch_kernel("sum", Cost(bytes=P * 8, barriers=2))
+        if reduction == 1:
+            torch_kernel("div", Cost(bytes=12))
         total = red.sum(0)
         loss = total[0] / total[1] if reduction == 1 else total[0]
     return loss, lse, gx, gw, gb

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import (NUM_STAGES, MarginConsts, cast_rn, dot_fp32, dummy, margin_dpsi,
                       margin_psi, mean_denominator, row_scale)
-from ._runtime import device_info, launch
+from ._runtime import Cost, device_info, launch, note_buffer, torch_kernel
 
 # Bytes the per-chunk logits (and gradient) buffer may take; tests lower it to force chunks.
 # 2 GiB keeps (8192, 512, 10^5) to three chunks, and ~256-row chunks at 10^6 classes.
@@ -325,11 +325,17 @@ def _gemm(a, b, out, accumulate: bool, info):
     M, K = a.shape
     N = b.shape[1]
     bm, bn, bk, warps, stages = _gemm_tiles(a.dtype, info)
+    e = a.element_size()
+    cost = Cost(bytes=(M * K + K * N) * e + M * N * 4 * (2 if accumulate else 1),
+                flops=2 * M * N * K, dot="fp32" if a.dtype == torch.float32 else "bf16",
+                inflight=(bm + bn) * bk * e * (stages - 1), barriers=4,
+                logits=M * K * e)  # a is the chunk's logit gradient G (or its transpose)
     launch(_gemm_kernel, _gemm_grid(M, N, bm, bn),
            (a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             out.stride(0)),
            dict(ACCUMULATE=accumulate, DOT_FP32=a.dtype == torch.float32 or not info.gpu,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages,
+           cost=cost)
 
 
 def _gemm_tiles(dtype, info):
@@ -371,9 +377,13 @@ def _norms(t, hat_dtype=None):
     norm = torch.empty((N,), dtype=torch.float32, device=t.device)
     hat = torch.empty((N, D), dtype=hat_dtype, device=t.device) if hat_dtype else norm
     block_d = min(256, max(16, triton.next_power_of_2(D)))
+    hat_bytes = N * D * torch.empty((), dtype=hat_dtype).element_size() if hat_dtype else 0
     launch(_row_norm_kernel, _rows_grid(N, _NORM_ROWS), (t, norm, hat, N, D, t.stride(0)),
            dict(WRITE_HAT=hat_dtype is not None, BLOCK_R=_NORM_ROWS, BLOCK_D=block_d),
-           num_warps=4, num_stages=NUM_STAGES)
+           num_warps=4, num_stages=NUM_STAGES,
+           cost=Cost(bytes=N * D * t.element_size() + N * 4 + hat_bytes,
+                     inflight=_NORM_ROWS * block_d * t.element_size() * (NUM_STAGES - 1),
+                     barriers=2 * triton.cdiv(D, block_d)))
     return norm, (hat if hat_dtype else None)
 
 
@@ -383,7 +393,10 @@ def _project(g, v, out, lam, normalize):
     launch(_project_kernel, _rows_grid(N, _NORM_ROWS),
            (g, v, out, dummy(lam, g), N, D, g.stride(0), v.stride(0)),
            dict(NORMALIZE=normalize, HAS_LAMBDA=lam is not None, BLOCK_R=_NORM_ROWS,
-                BLOCK_D=block_d), num_warps=4, num_stages=NUM_STAGES)
+                BLOCK_D=block_d), num_warps=4, num_stages=NUM_STAGES,
+           cost=Cost(bytes=N * D * (g.element_size() + v.element_size() + out.element_size()),
+                     inflight=_NORM_ROWS * block_d * 8 * (NUM_STAGES - 1),
+                     barriers=2 * triton.cdiv(D, block_d)))
 
 
 def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambda, grad_loss,
@@ -409,6 +422,10 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
     cy = torch.empty((R,), **f32) if need_cy else z
     loss_rows = torch.empty((B,), **f32) if write_loss else z
     lse = torch.empty((B,), **f32) if write_loss else z
+    ge = g.element_size()
+    note_buffer(R * C * (4 + (ge if separate_g else 0)))
+    if compute_grad:
+        note_buffer((B + C) * D * 4 + (B + C) * D * ge * normalize)
 
     if normalize:
         xnorm, x_hat = _norms(x, gemm if compute_grad else None)
@@ -424,6 +441,14 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
         gw_acc = torch.empty((C, D), **f32)
         gb_acc = torch.zeros((C,), **f32) if bias is not None else None
 
+    passes = (write_loss or lse_in is None) + compute_grad  # reads of z per row
+    block_s = min(1024, triton.next_power_of_2(C))
+
+    def softmax_cost(rows):
+        b = rows * C * (4 * passes + ge * compute_grad)
+        return Cost(bytes=b, inflight=block_s * 4 * (NUM_STAGES - 1),
+                    barriers=4 + 2 * triton.cdiv(C, block_s), logits=b)
+
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
         launch(_logits_kernel, _logits_grid(rows, C, bm, bn),
@@ -431,7 +456,12 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
                 x.stride(0), weight.stride(0), ignore_index, *consts.args()),
                dict(NORMALIZE=normalize, HAS_MARGIN=need_cy, HAS_BIAS=bias is not None,
                     DOT_FP32=dot_fp32(x, weight, info), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-               num_warps=warps, num_stages=stages)
+               num_warps=warps, num_stages=stages,
+               cost=Cost(bytes=rows * C * 4 + C * D * weight.element_size()
+                         + rows * D * x.element_size(), flops=2 * rows * C * D,
+                         dot="fp32" if dot_fp32(x, weight, info) else "bf16",
+                         inflight=(bm + bn) * bk * x.element_size() * (stages - 1),
+                         barriers=4, logits=rows * C * 4))
         launch(_softmax_grad_kernel, _softmax_grid(rows),
                (z, g, cy, target, dummy(class_weight, z), dummy(sample_weight, z),
                 dummy(grad_loss, z), dummy(denom, z), dummy(lse_in, z), loss_rows, lse, row0, B,
@@ -442,12 +472,13 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
                     HAS_GLOSS=grad_loss is not None, REDUCTION=reduction,
                     WRITE_LOSS=write_loss, COMPUTE_GRAD=compute_grad,
                     HAS_LSE=lse_in is not None, BLOCK_N=min(1024, triton.next_power_of_2(C))),
-               num_warps=4, num_stages=NUM_STAGES)
+               num_warps=4, num_stages=NUM_STAGES, cost=softmax_cost(rows))
         if compute_grad:
             g_chunk = g[:rows]
             _gemm(g_chunk, w_hat, gx_hat[row0:row0 + rows], False, info)
             _gemm(g_chunk.t(), x_hat[row0:row0 + rows], gw_acc, row0 > 0, info)
             if gb_acc is not None:
+                torch_kernel("sum", Cost(bytes=rows * C * ge + C * 8, logits=rows * C * ge))
                 gb_acc += g_chunk.sum(0, dtype=torch.float32)
 
     loss = None
@@ -459,6 +490,8 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
         else:
             loss = loss_rows.sum() / denom
     gx = gw = gb = None
+    if write_loss and reduction != 0:
+        torch_kernel("sum", Cost(bytes=B * 4, barriers=2))
     if compute_grad:
         gx = torch.empty_like(x)
         gw = torch.empty_like(weight)
