@@ -12,7 +12,9 @@ BLOCKS_PER_SM = {
     "mean_denominator_kernel": 1,
     "row_norm_kernel": 2,
     "logits_kernel": 1,
-    "softmax_grad_kernel": 4,
-    "gemm_kernel": 1,
+    "row_lse_kernel": 4,
+    "grad_x_kernel": 1,
+    "grad_w_kernel": 1,
+    "sum_kernel": 1,
     "project_kernel": 2,
 }
