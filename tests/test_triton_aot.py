@@ -111,7 +111,7 @@ def test_recording_the_interpreted_launches(tmp_path, monkeypatch):
                          False, True)
     specs = [json.loads(line) for line in path.read_text().splitlines()]
     assert [s["kernel"].split(":")[1] for s in specs] == ["_small_c_kernel"]
-    assert specs[0]["constexprs"]["NUM_C"] == 3 and specs[0]["num_stages"] >= 1
+    assert specs[0]["constexprs"]["BLOCK_C"] == 16 and specs[0]["num_stages"] >= 1
 
 
 def test_design_occupancy_covers_every_kernel():

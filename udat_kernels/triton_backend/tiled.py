@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import (NUM_STAGES, MarginConsts, cast_rn, dot_fp32, dummy, margin_dpsi,
-                      margin_psi, mean_denominator, row_scale)
+                      margin_psi, mean_denominator, row_scale, sum_partials)
 from ._runtime import Cost, device_info, launch, note_buffer, torch_kernel
 
 # Bytes a call's chunk buffers may take (None: from free device memory and the extra-peak cap,
@@ -145,7 +145,7 @@ def _logits_kernel(
 @triton.jit
 def _row_lse_kernel(
     stats_ptr, zy_ptr, cy_ptr, coef_ptr, target_ptr, cw_ptr, sw_ptr, gloss_ptr, denom_ptr,
-    wsum_ptr, lse_in_ptr, loss_ptr, lse_ptr, row0, R, B, C, NT, ignore_index,
+    wsum_ptr, lse_in_ptr, loss_ptr, lse_ptr, row0, R, B, C, NT, n_denom, ignore_index,
     scale, cos_m, sin_m, threshold, smoothing,
     NORMALIZE: tl.constexpr, HAS_MARGIN: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
     HAS_CW: tl.constexpr, HAS_SW: tl.constexpr, HAS_GLOSS: tl.constexpr,
@@ -160,7 +160,7 @@ def _row_lse_kernel(
     offs = tl.arange(0, BLOCK_T)
     inv_denom = 1.0
     if COMPUTE_GRAD and REDUCTION == 1:
-        denom = tl.load(denom_ptr)
+        denom = sum_partials(denom_ptr, n_denom, 1, 64)
         inv_denom = tl.where(denom != 0.0, 1.0 / tl.where(denom != 0.0, denom, 1.0), 0.0)
     tgt, valid, in_range, v, k = row_scale(target_ptr, sw_ptr, gloss_ptr, row, row < B, B, C,
                                            ignore_index, inv_denom, HAS_SW, HAS_GLOSS, REDUCTION)
@@ -537,9 +537,9 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
 
     xnorm = _norm(x) if normalize else zy
     wnorm = _norm(weight) if normalize else zy
-    denom = None
+    denom, n_denom = None, 0
     if reduction == 1 and (compute_grad or write_loss):
-        denom = mean_denominator(target, class_weight, sample_weight, C, ignore_index)
+        denom, n_denom = mean_denominator(target, class_weight, sample_weight, C, ignore_index)
     wsum = None
     if class_weight is not None:
         wsum = torch.empty((), **f32)
@@ -571,7 +571,8 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
         launch(_row_lse_kernel, _row_grid(rows),
                (stats, zy, cy, coef, target, dummy(class_weight, zy), dummy(sample_weight, zy),
                 dummy(grad_loss, zy), dummy(denom, zy), dummy(wsum, zy), dummy(lse_in, zy),
-                loss_rows, lse, row0, rows, B, C, NT, ignore_index, consts.scale, consts.cos_m,
+                loss_rows, lse, row0, rows, B, C, NT, n_denom, ignore_index, consts.scale,
+                consts.cos_m,
                 consts.sin_m, consts.threshold, smoothing),
                dict(NORMALIZE=normalize, HAS_MARGIN=normalize and consts.has_margin,
                     STRAIGHT_THROUGH=straight_through, HAS_CW=class_weight is not None,
@@ -614,7 +615,10 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
             loss = loss_rows
         else:
             torch_kernel("sum", Cost(bytes=B * 4, barriers=2))
-            loss = loss_rows.sum() if reduction == 2 else loss_rows.sum() / denom
+            if reduction == 1:
+                torch_kernel("sum", Cost(bytes=n_denom * 4, barriers=2))
+                torch_kernel("div", Cost(bytes=12))
+            loss = loss_rows.sum() if reduction == 2 else loss_rows.sum() / denom.sum()
     gx = gw = gbias = None
     if compute_grad:
         gx = torch.empty_like(x)
