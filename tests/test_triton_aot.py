@@ -89,14 +89,16 @@ def test_check_rules(result, origins, expected):
 
 def test_recorded_specialization_is_the_runtimes():
     # Alignment and value specializations as Triton's runtime makes them: an aligned tensor is
-    # "D", a tensor at an odd offset is not, 16 is "D", 1 becomes a constexpr.
+    # "D", a tensor at an odd offset is not, 16 is "D", 1 becomes a constexpr; a count the
+    # kernel does not specialize on (N, in _runtime.COUNTS) has no key.
     x = torch.zeros(64)
-    spec = _runtime.specialization(tiled._row_norm_kernel, (x, x[1:], 1, 16, 17),
+    spec = _runtime.specialization(tiled._row_norm_kernel, (x, x[1:], 1, 1, 17),
                                    dict(BLOCK_R=16, BLOCK_D=16), 4, 3)
     assert spec["args"] == [["src_ptr", "*fp32", "D"], ["norm_ptr", "*fp32", ""],
-                            ["N", "constexpr", 1], ["D", "i32", "D"], ["stride", "i32", ""]]
+                            ["N", "i32", None], ["D", "constexpr", 1], ["stride", "i32", ""]]
     src = aot._source(spec)
-    assert src.signature["N"] == "constexpr" and src.constants[(2,)] == 1
+    assert src.signature["D"] == "constexpr" and src.constants[(3,)] == 1
+    assert src.signature["N"] == "i32" and (2,) not in src.attrs
     assert src.attrs[(0,)] == [["tt.divisibility", 16]] and src.attrs[(1,)] == []
 
 

@@ -44,3 +44,11 @@ def test_model_reads_the_plan():
     assert s.triton_launches >= 1 and s.graph_s > 0
     rows = mt.targets()
     assert len(rows) == len(mt.PAPER) + len(mt.BANDWIDTH) + 3 * len(mt.LARGE)
+
+
+def test_planning_device_is_the_models_h200():
+    from udat_kernels.triton_backend import _runtime
+
+    assert _runtime.H200.num_sms == H200["num_sms"]
+    assert _runtime.H200.total_bytes == H200["hbm_bytes"]
+    assert _runtime.H200.free_bytes < H200["hbm_bytes"]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import Cost, launch
+from ._runtime import COUNTS, Cost, launch
 
 # Software-pipelining depth (Triton's default on CUDA) of the kernels that do not choose their
 # own: passed explicitly, and recorded, so that the ahead-of-time compile builds what runs.
@@ -142,7 +142,7 @@ def sum_partials(ptr, n, stride, BLOCK: tl.constexpr):
     return tl.sum(acc, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTS)
 def _mean_denominator_kernel(target_ptr, cw_ptr, sw_ptr, part_ptr, B, C, ignore_index, SPAN,
                              HAS_CW: tl.constexpr, HAS_SW: tl.constexpr, BLOCK: tl.constexpr):
     """Partials of the mean's denominator: program p sums rows [p·SPAN, (p+1)·SPAN). Their

@@ -118,6 +118,20 @@ def device_guard(device: torch.device):
 # ----------------------------------------------------------------------------------------------
 
 
+# Integer arguments that are counts or offsets, not strides: the kernels are not specialized on
+# their values (no recompilation when a count is 1 or a multiple of 16). Every launched kernel
+# passes this to @triton.jit(do_not_specialize=...); the recorder follows it.
+COUNTS = ("B", "C", "R", "NT", "n_denom", "row0", "ignore_index", "N", "P", "SPAN")
+
+
+def _not_specialized(kernel) -> set:
+    names = getattr(kernel, "do_not_specialize", None)
+    if names is None:  # the interpreter's function keeps the decorator's arguments
+        names = getattr(kernel, "kwargs", {}).get("do_not_specialize") or ()
+    arg_names = list(kernel.arg_names)
+    return {arg_names[n] if isinstance(n, int) else n for n in names}
+
+
 def kernel_id(kernel) -> str:
     fn = getattr(kernel, "fn", kernel)
     return f"{fn.__module__}:{fn.__name__}"
@@ -131,9 +145,10 @@ def specialization(kernel, args: tuple, constexprs: dict, num_warps: int,
     from triton.backends.compiler import BaseBackend
 
     names = list(kernel.arg_names)
+    fixed = _not_specialized(kernel)
     sig = []
     for name, value in zip(names, args):
-        ty, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        ty, key = native_specialize_impl(BaseBackend, value, False, name not in fixed, True)
         if ty == "constexpr":
             sig.append([name, "constexpr", value])
         else:

@@ -204,6 +204,21 @@ def compile_one(spec: dict, arch: int) -> dict:
     return out
 
 
+def compile_into_cache(spec: dict) -> str:
+    """Compile one specialization for this process's GPU into Triton's compile cache, where the
+    runtime finds it at launch (benchmarks/gpu_triton.py warms the cache in parallel with it).
+    Returns "" or what failed."""
+    import triton
+
+    try:
+        triton.compile(_source(spec), target=triton.runtime.driver.active.get_current_target(),
+                       options={"num_warps": spec["num_warps"],
+                                "num_stages": spec["num_stages"]})
+        return ""
+    except Exception as e:  # noqa: BLE001 - the launch compiles it again and reports
+        return f"{short(spec['kernel'])}: {type(e).__name__}"
+
+
 def _worker(args):
     key, spec, arch = args
     return key, compile_one(spec, arch)

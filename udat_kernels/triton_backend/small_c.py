@@ -24,7 +24,7 @@ import triton.language as tl
 from ._common import (NUM_STAGES, MarginConsts, arrival_counter, cast_rn, denominator_sum,
                       dummy, inv_norm, last_program, margin_dpsi, margin_psi, mean_denominator, row_scale,
                       sum_partials)
-from ._runtime import Cost, device_info, launch
+from ._runtime import COUNTS, Cost, device_info, launch
 from .design import BLOCKS_PER_SM
 
 # Largest C served by this path (the classes live in one 16-wide dot tile); larger heads take
@@ -41,7 +41,7 @@ BLOCK_D_MAX = 256
 _BLOCK_P = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTS)
 def _small_c_kernel(
     x_ptr, w_ptr, target_ptr, bias_ptr, cw_ptr, sw_ptr, gloss_ptr, lam_ptr, denom_ptr,
     loss_ptr, lse_ptr, red_ptr, count_ptr, gx_ptr, gw_ptr, gb_ptr, gw_part_ptr, col_part_ptr,
@@ -249,7 +249,7 @@ def _small_c_kernel(
                 tl.store(count_ptr, 0)  # ready for the next launch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTS)
 def _small_c_grad_weight_kernel(
     w_ptr, wnorm_ptr, gw_part_ptr, col_part_ptr, gw_ptr, gb_ptr, P, C, D, stride_w,
     NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ._common import (NUM_STAGES, MarginConsts, cast_rn, dot_fp32, dummy, margin_dpsi,
                       margin_psi, mean_denominator, row_scale, sum_partials)
-from ._runtime import Cost, device_info, launch, note_buffer, torch_kernel
+from ._runtime import COUNTS, Cost, device_info, launch, note_buffer, torch_kernel
 
 # Bytes a call's chunk buffers may take (None: from free device memory and the extra-peak cap,
 # see chunk_rows); tests set it to force several chunks.
@@ -45,7 +45,7 @@ EAGER_PEAK_SHARE = 0.25
 TILE = None
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTS)
 def _row_norm_kernel(src_ptr, norm_ptr, N, D, stride, BLOCK_R: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """norm (N,) = ‖src_i‖ in fp32."""
@@ -61,7 +61,7 @@ def _row_norm_kernel(src_ptr, norm_ptr, N, D, stride, BLOCK_R: tl.constexpr,
     tl.store(norm_ptr + rows, tl.sqrt(sq), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTS)
 def _logits_kernel(
     x_ptr, w_ptr, target_ptr, bias_ptr, cw_ptr, xnorm_ptr, wnorm_ptr, p_ptr, stats_ptr, zy_ptr,
     cy_ptr, row0, R, C, D, NT, stride_x, stride_w, ignore_index,
@@ -142,7 +142,7 @@ def _logits_kernel(
     tl.store(st + 2 * R * NT, wz, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTS)
 def _row_lse_kernel(
     stats_ptr, zy_ptr, cy_ptr, coef_ptr, target_ptr, cw_ptr, sw_ptr, gloss_ptr, denom_ptr,
     wsum_ptr, lse_in_ptr, loss_ptr, lse_ptr, row0, R, B, C, NT, n_denom, ignore_index,
@@ -260,7 +260,7 @@ def _grad_tile(p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, rows_l, row0, col
     return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTS)
 def _grad_x_kernel(
     p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, w_ptr, wnorm_ptr, gx_ptr,
     row0, R, C, D, NT, stride_w, smooth_b,
@@ -299,7 +299,7 @@ def _grad_x_kernel(
              mask=(rows_l < R)[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTS)
 def _grad_w_kernel(
     p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, x_ptr, xnorm_ptr, gw_ptr, gb_ptr,
     row0, R, C, D, NT, stride_x, smooth_b,
@@ -354,7 +354,7 @@ def _grad_w_kernel(
         tl.store(gb_ptr + cols, gb, mask=b_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTS)
 def _sum_kernel(src_ptr, out_ptr, N, BLOCK: tl.constexpr):
     """out = Σ src (fp32, fixed order): the class weights' sum for label smoothing."""
     offs = tl.arange(0, BLOCK)
@@ -364,7 +364,7 @@ def _sum_kernel(src_ptr, out_ptr, N, BLOCK: tl.constexpr):
     tl.store(out_ptr, tl.sum(acc, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTS)
 def _project_kernel(g_ptr, v_ptr, out_ptr, lam_ptr, N, D, stride_g, stride_v,
                     NORMALIZE: tl.constexpr, HAS_LAMBDA: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
