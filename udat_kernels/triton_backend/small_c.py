@@ -35,8 +35,10 @@ SMALL_C_MAX = 16
 # several blocks per program.
 SMALL_BLOCK_ROWS = 16
 MAX_PROGRAMS = None
-# Features per step of the x tile (tests lower it to cross chunk boundaries).
+# Features per step of the x tile (tests lower it to cross chunk boundaries), and warps per
+# program (tests that put 64 rows in one block raise it, so that the tile still fits).
 BLOCK_D_MAX = 256
+NUM_WARPS = 4
 # Partials summed at once by the reduction over programs.
 _BLOCK_P = 32
 
@@ -287,7 +289,7 @@ def _small_c_grad_weight_kernel(
         tl.store(gb_ptr + j, cast_rn(t, gb_ptr.dtype.element_ty), mask=dblk == 0)
 
 
-def _config(B: int, C: int, D: int, dot32: bool):
+def _config(B: int, C: int, D: int, dot32: bool, loss_and_grad: bool = False):
     """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps, num_stages): the sm_90 builds of these keep every tile in
     registers without spilling at two or more blocks per SM (docs/gpu/, the aot tables).
 
@@ -295,17 +297,18 @@ def _config(B: int, C: int, D: int, dot32: bool):
     batch of 64 spreads over four programs; larger blocks for large batches, so that the grad W
     partial a program updates per block (C × D fp32, in L2) is small beside the x it reads.
     fp32 dots are FMA loops whose operands take more registers: narrower tiles, and for a
-    small batch (a few programs, latency-bound) one more step of loads in flight.
+    small batch (a few programs, latency-bound) one more step of loads in flight — except when
+    one launch forms both the loss and the gradient, whose build would then spill.
     """
     block_c = max(16, triton.next_power_of_2(C))
     stages = NUM_STAGES
     if B <= 64 * SMALL_BLOCK_ROWS:
         block_b, block_d = SMALL_BLOCK_ROWS, (64 if dot32 else 256)
-        stages += dot32
+        stages += dot32 and not loss_and_grad
     else:
         block_b, block_d = (16, 64) if dot32 else (64, 128)
     block_d = min(BLOCK_D_MAX, block_d, max(16, triton.next_power_of_2(D)))
-    return block_b, block_c, block_d, 4, stages
+    return block_b, block_c, block_d, NUM_WARPS, stages
 
 
 def _programs(n_blocks: int, info) -> int:
@@ -346,7 +349,8 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
     # Native bf16 dots on the GPU; fp32 (IEEE) otherwise: fp16 gradient tiles would overflow
     # where ψ' is large, and the interpreter's bf16 dot is not the GPU's.
     dot32 = not (info.gpu and x.dtype == weight.dtype == torch.bfloat16)
-    block_b, block_c, block_d, num_warps, stages = _config(B, C, D, dot32)
+    block_b, block_c, block_d, num_warps, stages = _config(B, C, D, dot32,
+                                                           write_loss and compute_grad)
     n_blocks = triton.cdiv(B, block_b)
     P = _programs(n_blocks, info)
     gw_direct = n_blocks == 1
@@ -379,12 +383,15 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
     # the partials are written once per program (their per-block updates stay in L2).
     ex, ew = x.element_size(), weight.element_size()
     per_prog = triton.cdiv(n_blocks, P)
-    steps = per_prog * triton.cdiv(D, block_d) * (2 if compute_grad else 1)
+    steps = per_prog * triton.cdiv(D, block_d)
+    # Block-wide barriers per step, as the sm_90 builds have them (docs/gpu/triton-aot-*.md,
+    # barriers per loop body): 2 in pass 1; in pass 2, 2 with fp32 dots and 14 with bf16 ones
+    # (their operands are staged through shared memory); about 10 per block around them.
+    barriers = steps * 2 + steps * (2 if dot32 else 14) * compute_grad + per_prog * 10
     main_cost = Cost(
         bytes=B * D * ex * (2 if compute_grad else 1) + C * D * ew + B * 12
         + (0 if gw_direct or not compute_grad else P * C * (D + 1) * 4),
-        inflight=block_b * block_d * ex * (stages - 1),
-        barriers=steps * 2 + 8)
+        inflight=block_b * block_d * ex * (stages - 1), barriers=barriers)
     launch(_small_c_kernel, _main_grid(P), (
         x, weight, target, ptr(bias), ptr(class_weight), ptr(sample_weight), ptr(grad_loss),
         ptr(grl_lambda), ptr(denom), ptr(loss), ptr(lse), ptr(red), ptr(count), ptr(gx),

@@ -496,7 +496,7 @@ def _norm(t):
 
 def _project(g, v, out, lam, normalize):
     N, D = g.shape
-    block_d = min(256, max(16, triton.next_power_of_2(D)))
+    block_d = min(128, max(16, triton.next_power_of_2(D)))  # 256 spills on Triton 3.8
     launch(_project_kernel, _rows_grid(N, _NORM_ROWS),
            (g, v, out, dummy(lam, g), N, D, g.stride(0), v.stride(0)),
            dict(NORMALIZE=normalize, HAS_LAMBDA=lam is not None, BLOCK_R=_NORM_ROWS,
