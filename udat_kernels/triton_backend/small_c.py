@@ -297,17 +297,23 @@ def _config(B: int, C: int, D: int, dot32: bool, loss_and_grad: bool = False):
     batch of 64 spreads over four programs; larger blocks for large batches, so that the grad W
     partial a program updates per block (C × D fp32, in L2) is small beside the x it reads.
     fp32 dots are FMA loops whose operands take more registers: narrower tiles, and for a
-    small batch (a few programs, latency-bound) one more step of loads in flight — except when
-    one launch forms both the loss and the gradient, whose build would then spill.
+    small batch of 16-row blocks (a few programs, latency-bound) one more step of loads in
+    flight — except when one launch forms both the loss and the gradient, whose build would then
+    spill.
     """
     block_c = max(16, triton.next_power_of_2(C))
     stages = NUM_STAGES
     if B <= 64 * SMALL_BLOCK_ROWS:
         block_b, block_d = SMALL_BLOCK_ROWS, (64 if dot32 else 256)
-        stages += dot32 and not loss_and_grad
     else:
         block_b, block_d = (16, 64) if dot32 else (64, 128)
-    block_d = min(BLOCK_D_MAX, block_d, max(16, triton.next_power_of_2(D)))
+    if dot32:
+        # 16 or 64 features: the fp32 builds with 32 spill (Triton 3.6's ptxas)
+        block_d = min(BLOCK_D_MAX, 16 if D <= 16 else block_d)
+        stages += (not loss_and_grad and block_b <= 16 and block_d >= 64
+                   and B <= 64 * SMALL_BLOCK_ROWS)
+    else:
+        block_d = min(BLOCK_D_MAX, block_d, max(16, triton.next_power_of_2(D)))
     return block_b, block_c, block_d, NUM_WARPS, stages
 
 
