@@ -48,15 +48,13 @@ def _ids(v):
 
 @pytest.fixture(params=["single", "multi", "tiled"])
 def path(request, monkeypatch):
-    """single: one program of 64×16 tiles, grad W written directly; multi: 16×16 tiles of x,
-    blocks spread over 2 programs with partials (and the loss reduced by the last program);
-    tiled: the large-C kernels, 16×16×16 tiles in 16-row chunks."""
+    """single: one program taking its 16-row blocks in turn (grad W written directly where
+    B <= 16); multi: 16×16 tiles of x, blocks spread over 2 programs with partials (and the loss
+    reduced by the last program); tiled: the large-C kernels, 16×16×16 tiles in 16-row chunks."""
     from udat_kernels.triton_backend import small_c, tiled
 
     if request.param == "single":
-        monkeypatch.setattr(small_c, "SMALL_BLOCK_ROWS", 64)
-        monkeypatch.setattr(small_c, "BLOCK_D_MAX", 16)  # a 64-row tile that builds unspilled
-        monkeypatch.setattr(small_c, "NUM_WARPS", 8)
+        monkeypatch.setattr(small_c, "MAX_PROGRAMS", 1)
     elif request.param == "multi":
         monkeypatch.setattr(small_c, "MAX_PROGRAMS", 2)
         monkeypatch.setattr(small_c, "BLOCK_D_MAX", 16)

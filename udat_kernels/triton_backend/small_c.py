@@ -296,10 +296,8 @@ def _config(B: int, C: int, D: int, dot32: bool, loss_and_grad: bool = False):
     Blocks of 16 rows (a dot's smallest side) while the batch is small, so that the paper's
     batch of 64 spreads over four programs; larger blocks for large batches, so that the grad W
     partial a program updates per block (C × D fp32, in L2) is small beside the x it reads.
-    fp32 dots are FMA loops whose operands take more registers: narrower tiles, and for a
-    small batch of 16-row blocks (a few programs, latency-bound) one more step of loads in
-    flight — except when one launch forms both the loss and the gradient, whose build would then
-    spill.
+    fp32 dots are FMA loops whose operands take more registers: narrower tiles. (A fourth
+    load stage for the latency-bound paper batch spills with Triton 3.6 at unaligned D.)
     """
     block_c = max(16, triton.next_power_of_2(C))
     stages = NUM_STAGES
@@ -310,8 +308,6 @@ def _config(B: int, C: int, D: int, dot32: bool, loss_and_grad: bool = False):
     if dot32:
         # 16 or 64 features: the fp32 builds with 32 spill (Triton 3.6's ptxas)
         block_d = min(BLOCK_D_MAX, 16 if D <= 16 else block_d)
-        stages += (not loss_and_grad and block_b <= 16 and block_d >= 64
-                   and B <= 64 * SMALL_BLOCK_ROWS)
     else:
         block_d = min(BLOCK_D_MAX, block_d, max(16, triton.next_power_of_2(D)))
     return block_b, block_c, block_d, NUM_WARPS, stages
