@@ -306,8 +306,9 @@ def _config(B: int, C: int, D: int, dot32: bool, loss_and_grad: bool = False):
     else:
         block_b, block_d = (16, 64) if dot32 else (64, 128)
     if dot32:
-        # 16 or 64 features: the fp32 builds with 32 spill (Triton 3.6's ptxas)
-        block_d = min(BLOCK_D_MAX, 16 if D <= 16 else block_d)
+        # 16 features: wider fp32 tiles spill at some shapes (unaligned D) with Triton 3.6 and
+        # 3.8 alike (docs/design.md, "The Triton model")
+        block_d = min(BLOCK_D_MAX, 16)
     else:
         block_d = min(BLOCK_D_MAX, block_d, max(16, triton.next_power_of_2(D)))
     return block_b, block_c, block_d, NUM_WARPS, stages
