@@ -12,7 +12,12 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.ext-built
 EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h python/*.cpp)
 
-.PHONY: setup demo test pytest ctest bench clean
+# The Triton of the GPU machine, beside the one installed, for the ahead-of-time compile check.
+TRITON_GPU ?= triton==3.6.0
+TRITON_GPU_VENV ?= .venv-triton-gpu
+TRITON_SPECS := build/triton-specs.jsonl
+
+.PHONY: setup demo test pytest ctest triton-aot bench clean
 
 setup: $(EXT_STAMP)
 
@@ -40,10 +45,30 @@ demo: setup
 	$(PY) -m udat_kernels.udat.experiment --source mnist5k --target digits --seeds 0 1 2 --epochs 10 \
 	  --lr 0.03 --momentum 0.9 --lambda 0.1 --threads 2 --out runs/demo
 
-test: setup pytest ctest
+test: setup pytest ctest triton-aot
 
+# The Triton kernels' launches are recorded (their specializations) for triton-aot.
 pytest: setup
-	$(PY) -m pytest tests -q -ra
+	mkdir -p build && rm -f $(TRITON_SPECS)
+	UDAT_TRITON_SPECS=$(abspath $(TRITON_SPECS)) $(PY) -m pytest tests -q -ra
+
+# A second environment: the GPU machine's Triton over the main environment's packages.
+$(TRITON_GPU_VENV)/.installed: $(DEPS_STAMP)
+	rm -rf $(TRITON_GPU_VENV)
+	$(PY) -m venv $(TRITON_GPU_VENV)
+	$(TRITON_GPU_VENV)/bin/python -m pip install --quiet --no-deps "$(TRITON_GPU)"
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > $$($(TRITON_GPU_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/udat-main-env.pth
+	touch $@
+
+# Every recorded launch and every launch planned at the GPU target shapes, compiled for sm_90
+# with both Tritons; fails on compile errors, spills, TF32 dots and occupancy below design.
+triton-aot: setup $(TRITON_GPU_VENV)/.installed
+	test -s $(TRITON_SPECS) || { echo "$(TRITON_SPECS): no recorded launches (run make pytest)"; exit 1; }
+	env -u TRITON_INTERPRET $(PY) -m udat_kernels.triton_backend.aot --specs $(TRITON_SPECS) \
+	  --table build/triton-aot-installed.md
+	env -u TRITON_INTERPRET $(TRITON_GPU_VENV)/bin/python -m udat_kernels.triton_backend.aot \
+	  --specs $(TRITON_SPECS) --table build/triton-aot-gpu.md
 
 ctest: setup
 	cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) > /dev/null
@@ -54,4 +79,4 @@ bench: setup
 	$(PY) benchmarks/report.py
 
 clean:
-	rm -rf build build-cmake udat_kernels/_C*.so $(EXT_STAMP) $(VENV)/.editable
+	rm -rf build build-cmake udat_kernels/_C*.so $(EXT_STAMP) $(VENV)/.editable $(TRITON_GPU_VENV)
