@@ -151,14 +151,20 @@ def _small_c_kernel(
                 z = z + bias[None, :]
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m = tl.max(z, 1)
-        lse = m + tl.log(tl.sum(tl.exp(z - m[:, None]), 1))
+        # An infinite max shifts by 0, as torch.logsumexp does: +inf logits give lse = +inf
+        # and no inf − inf (docs/math.md, "Non-finite inputs").
+        shift = tl.where((m == float("inf")) | (m == float("-inf")), 0.0, m)
+        lse = shift + tl.log(tl.sum(tl.exp(z - shift[:, None]), 1))
         z_y = tl.sum(tl.where(is_t, z, 0.0), 1)
         w_y = tl.sum(tl.where(is_t, wj[None, :], 0.0), 1)
         a = (1.0 - smoothing) * w_y
 
         if WRITE_LOSS:
             wz = tl.sum(tl.where(col_ok[None, :], z, 0.0) * wj[None, :], 1)
-            loss = v * (a * (lse - z_y) + smooth_b * (wsum * lse - wz))
+            # Without smoothing its term is left out, not multiplied by 0: with a +inf logit it
+            # is inf − inf.
+            smooth = tl.where(smooth_b != 0.0, smooth_b * (wsum * lse - wz), 0.0)
+            loss = v * (a * (lse - z_y) + smooth)
             # A target outside [0, C) gets a NaN loss; nothing is read out of bounds.
             loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
             if REDUCTION == 0:

@@ -198,7 +198,10 @@ def _row_lse_kernel(
             tt = t0 + offs
             wz_vec += tl.load(st + 2 * R * NT + tt, mask=tt < NT, other=0.0)
         z_y = tl.load(zy_ptr + r)
-        loss = v * (a * (lse - z_y) + smooth_b * (wsum * lse - tl.sum(wz_vec, 0)))
+        # Without smoothing its term is left out, not multiplied by 0: with a +inf logit it is
+        # inf − inf (docs/math.md, "Non-finite inputs").
+        smooth = tl.where(smooth_b != 0.0, smooth_b * (wsum * lse - tl.sum(wz_vec, 0)), 0.0)
+        loss = v * (a * (lse - z_y) + smooth)
         loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
         tl.store(loss_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
