@@ -315,6 +315,10 @@ def _config(B: int, C: int, D: int, dot32: bool, loss_and_grad: bool = False):
         # 16 features: wider fp32 tiles spill at some shapes (unaligned D) with Triton 3.6 and
         # 3.8 alike (docs/design.md, "The Triton model")
         block_d = min(BLOCK_D_MAX, 16)
+        if loss_and_grad:
+            # Loss and gradient in one launch hold both passes' state: a third load stage
+            # spills (8 bytes with Triton 3.8, class weights and GRL).
+            stages = 2
     else:
         block_d = min(BLOCK_D_MAX, block_d, max(16, triton.next_power_of_2(D)))
     return block_b, block_c, block_d, NUM_WARPS, stages
