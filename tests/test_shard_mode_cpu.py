@@ -19,8 +19,10 @@ import torch
 import udat_kernels as uk
 from udat_kernels import reference
 from udat_kernels.distributed import shard_mode
-from helpers import (KEYWORDS, assert_close_spec, make_inputs, materialize_keywords, tolerance)
-from shard_helpers import SPLITS, cuts_of, shard_keywords, sharded_loss
+import shard_helpers
+from helpers import (KEYWORDS, assert_close_spec, make_inputs, materialize_keywords, run_loss,
+                     tolerance)
+from shard_helpers import SPLITS, as_double, cuts_of, sharded_loss
 
 pytestmark = pytest.mark.skipif(not uk._C_loader.available(),
                                 reason=f"extension not built: {uk._C_loader.error()}")
@@ -28,70 +30,8 @@ pytestmark = pytest.mark.skipif(not uk._C_loader.available(),
 OPS = torch.ops.udat_kernels
 
 
-def _double(kw):
-    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-            for k, v in kw.items()}
-
-
-def _shards(backend, x, w, t, sizes, kw, grad_rows, lse, grl, bias=None):
-    """Per shard: (lse^(r), q^(r), grad x part, grad W shard, grad b shard or None)."""
-    out = []
-    for r, n in enumerate(sizes):
-        o = sum(sizes[:r])
-        b = bias[o:o + n] if bias is not None else None
-        fwd = shard_mode.shard_forward(backend, x, w[o:o + n], t, class_offset=o, bias_shard=b,
-                                       chunk_rows=4, **kw)
-        bwd = shard_mode.shard_backward(backend, grad_rows, x, w[o:o + n], t, lse,
-                                        class_offset=o, bias_shard=b, grl_lambda=grl,
-                                        chunk_rows=4, **kw)
-        out.append((*fwd, *bwd))
-    return out
-
-
-def _close(a, b, rtol, atol, what, own=None):
-    """The closeness rule, with infinities (an empty shard's lse^(r) = −inf) required exactly."""
-    assert a.shape == b.shape and a.dtype == (own.dtype if own is not None else a.dtype), what
-    inf = torch.isinf(b.double())
-    assert torch.equal(a.double()[inf], b.double()[inf]), f"{what}: infinities differ"
-    keep = ~inf
-    assert_close_spec(a[keep], b[keep], rtol, atol, what,
-                      torch_own=own[keep] if own is not None else None)
-
-
-def check_shards(x, w, t, sizes, *, angular=True, bias=None, upstream_seed=3, **kwargs):
-    """The CPU shard mode on (x, w) against the reference shard mode on the same inputs in
-    float64 (and, where the problem is ill-conditioned, twice the reference's own error in the
-    inputs' dtype). Every shard gets the combined lse of the whole problem and a random
-    per-row upstream gradient. Returns the CPU shards' outputs."""
-    C, B = w.shape[0], x.shape[0]
-    _, grl, kw = shard_keywords(C, angular=angular, **kwargs)
-    kw64 = _double(kw)
-    x64, w64 = x.double(), w.double()
-    b64 = bias.double() if bias is not None else None
-    full = reference.shard_forward(x64, w64, t, class_offset=0, bias_shard=b64, **kw64)
-    lse = full[0]
-    g = torch.Generator().manual_seed(upstream_seed)
-    grad_rows = torch.randn(B, generator=g, dtype=torch.float64)
-    got = _shards("cpu", x, w, t, sizes, kw, grad_rows, lse, grl, bias)
-    want = _shards("reference", x64, w64, t, sizes, kw64, grad_rows, lse, grl, b64)
-    low = torch.float64 not in (x.dtype, w.dtype)
-    own = _shards("reference", x, w, t, sizes, kw, grad_rows, lse, grl, bias) if low else None
-    rtol, atol = tolerance(x.dtype, w.dtype)
-    acc = torch.float32 if low else torch.float64
-    names = ("lse", "partial", "grad_x", "grad_weight", "grad_bias")
-    for r, n in enumerate(sizes):
-        assert got[r][0].dtype == acc and got[r][1].dtype == acc and got[r][2].dtype == acc
-        assert got[r][3].dtype == w.dtype and got[r][3].shape == (n, x.shape[1])
-        for i, name in enumerate(names):
-            a, b = got[r][i], want[r][i]
-            if b is None:
-                assert a is None, f"shard {r} {name}"
-                continue
-            if name == "grad_bias":
-                assert a.dtype == bias.dtype and a.shape == (n,)
-            _close(a, b, rtol, atol, f"shard {r} of {sizes}: {name}",
-                   own=own[r][i] if own is not None else None)
-    return got
+def check_shards(*args, **kwargs):
+    return shard_helpers.check_shards("cpu", *args, **kwargs)
 
 
 @pytest.mark.parametrize("C,shards", SPLITS)
@@ -100,7 +40,7 @@ def test_every_keyword_on_the_splits_float64(case, shards, C):
     B, D = 11, 9
     x, w, t = make_inputs(B, D, C, x_dtype=torch.float64, w_dtype=torch.float64,
                           seed=C * 31 + shards)
-    kwargs = _double(materialize_keywords(KEYWORDS[case], B, C, True, t))
+    kwargs = as_double(materialize_keywords(KEYWORDS[case], B, C, True, t))
     kwargs.pop("reduction", None)  # the shard mode has none: per-row partials
     check_shards(x, w, t, cuts_of(C, shards, seed=C + 7 * shards), **kwargs)
 
@@ -111,7 +51,7 @@ def test_linear_head_with_bias(case, sizes):
     B, D, C = 10, 6, 7
     x, w, t = make_inputs(B, D, C, x_dtype=torch.float64, w_dtype=torch.float64, seed=3)
     bias = torch.randn(C, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    kwargs = _double(materialize_keywords(KEYWORDS[case], B, C, False, t))
+    kwargs = as_double(materialize_keywords(KEYWORDS[case], B, C, False, t))
     check_shards(x, w, t, sizes, angular=False, bias=bias, **kwargs)
 
 
@@ -170,14 +110,20 @@ def test_a_large_head_through_many_row_blocks(monkeypatch):
     kwargs = dict(label_smoothing=0.1, class_weight=torch.rand(C, generator=g) + 0.2,
                   margin=0.3, cos_margin=0.1)
     got = sharded_loss(x, w, t, sizes, backend="cpu", **kwargs)
-    from helpers import run_loss
-
     want = run_loss(reference.angular_margin_cross_entropy, x.double(), w.double(), t,
-                    **_double(kwargs))
+                    **as_double(kwargs))
     own = run_loss(reference.angular_margin_cross_entropy, x, w, t, **kwargs)
     rtol, atol = tolerance(torch.float32)
     for name, a, b, o in zip(("loss", "grad_x", "grad_weight"), got, want, own):
         assert_close_spec(a, b, rtol, atol, name, torch_own=o)
+
+
+def test_more_rows_than_a_shard_block(monkeypatch):
+    """The shard mode's blocks hold at most 256 rows, whatever the byte budget."""
+    monkeypatch.delenv("UDAT_CPU_BLOCK_BYTES", raising=False)
+    x, w, t = make_inputs(600, 8, 40, x_dtype=torch.float64, w_dtype=torch.float64, seed=4)
+    t[::7] = -100
+    check_shards(x, w, t, [23, 17], label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -36,6 +36,12 @@ constexpr int64_t kDefaultBlockBytes = int64_t(256) << 20;
 // several blocks on small inputs).
 int64_t block_bytes() { return env_knob("UDAT_CPU_BLOCK_BYTES", kDefaultBlockBytes); }
 
+// The shard mode's blocks hold at most this many rows as well (docs/design.md, "Shard mode"):
+// its point is the rank's peak memory (the shard's grad W beside one block), and with 256 rows
+// the three GEMMs of a block are already compute-bound (each block re-reads W and re-writes the
+// grad-W accumulator: 2·256 flops per 4 bytes of the accumulator).
+constexpr int64_t kShardBlockRows = 256;
+
 // Heads of at most this many classes take the small-C pass (no GEMMs, no per-op overhead);
 // UDAT_CPU_SMALL_C overrides it (tests set 0 to run small heads through the row blocks).
 constexpr int64_t kDefaultSmallC = cpu::kSmallHeadMax;
@@ -166,7 +172,7 @@ template <typename T>
 struct Problem {
   int64_t B, C, D;   // C: the classes of `weight` (this shard's, in the shard mode)
   int64_t offset;    // the global id of weight's first class
-  int64_t num_classes;  // every class of the problem: b = ε/num_classes, targets in [0, num_classes)
+  int64_t num_classes;  // every class of the problem: b = ε/num_classes, y in [0, num_classes)
   bool partial;      // the shard mode's rows: q_i rather than loss_i
   bool small;        // the small-C pass: x̂ is formed row by row, feats stays undefined
   // The row blocks take bf16 GEMMs (docs/design.md, "bfloat16 inputs on the CPU"): x and
@@ -614,7 +620,8 @@ void run_blocks(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
   // As many rows as the budget allows, spread evenly over the blocks: a small last block would
   // run the GEMMs at a poor shape.
   const int64_t max_rows = std::max<int64_t>(
-      1, std::min<int64_t>(P.B, block_bytes() / std::max<int64_t>(1, C * int64_t(sizeof(T)))));
+      1, std::min<int64_t>(P.partial ? std::min(P.B, kShardBlockRows) : P.B,
+                           block_bytes() / std::max<int64_t>(1, C * int64_t(sizeof(T)))));
   const int64_t blocks = P.B > 0 ? (P.B + max_rows - 1) / max_rows : 1;
   const int64_t rows = std::max<int64_t>(1, (P.B + blocks - 1) / blocks);
   at::Tensor buf = at::empty({rows, C}, P.opts);
