@@ -122,14 +122,21 @@ def close_with_infinities(a, b, rtol, atol, what, own=None):
                       torch_own=own[keep] if own is not None else None)
 
 
+def _on(device, *values):
+    return [v.to(device) if isinstance(v, torch.Tensor) else
+            ({k: _on(device, u)[0] for k, u in v.items()} if isinstance(v, dict) else v)
+            for v in values]
+
+
 def check_shards(backend, x, w, t, sizes, *, angular=True, bias=None, upstream_seed=3,
-                 **kwargs):
-    """The shard mode of `backend` on (x, w) against the reference shard mode on the same
-    inputs in float64 (docs/math.md, "Closeness and tolerances"; where the problem is
-    ill-conditioned, twice the reference's own error in the inputs' dtype), shard by shard:
-    lse^(r), q^(r), grad x part, grad W, grad b, with their dtypes and shapes. Every shard gets
-    the combined lse of the whole problem and a random per-row upstream gradient. `kwargs` are
-    the op's keywords (no reduction). Returns the backend's outputs (`shard_outputs`)."""
+                 against="reference", **kwargs):
+    """The shard mode of `backend` on (x, w) against the shard mode of `against` ("reference",
+    or "cpu": the compiled CPU shard mode, on the CPU) on the same inputs in float64
+    (docs/math.md, "Closeness and tolerances"; where the problem is ill-conditioned, twice the
+    reference's own error in the inputs' dtype), shard by shard: lse^(r), q^(r), grad x part,
+    grad W, grad b, with their dtypes and shapes. Every shard gets the combined lse of the whole
+    problem and a random per-row upstream gradient. `kwargs` are the op's keywords (no
+    reduction). Returns the backend's outputs (`shard_outputs`)."""
     C, B = w.shape[0], x.shape[0]
     _, grl, kw = shard_keywords(C, angular=angular, **kwargs)
     kw64 = as_double(kw)
@@ -142,7 +149,9 @@ def check_shards(backend, x, w, t, sizes, *, angular=True, bias=None, upstream_s
     g = torch.Generator().manual_seed(upstream_seed)
     grad_rows = torch.randn(B, generator=g, dtype=torch.float64).to(x.device)
     got = shard_outputs(backend, x, w, t, sizes, kw, grad_rows, lse, grl, bias)
-    want = shard_outputs("reference", x64, w64, t, sizes, kw64, grad_rows, lse, grl, b64)
+    truth = "cpu" if against == "cpu" else x.device
+    want = shard_outputs(against, *_on(truth, x64, w64, t), sizes,
+                         *_on(truth, kw64, grad_rows, lse, grl, b64))
     low = torch.float64 not in (x.dtype, w.dtype)
     own = (shard_outputs("reference", x, w, t, sizes, kw, grad_rows, lse, grl, bias) if low
            else None)

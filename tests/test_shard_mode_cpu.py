@@ -185,6 +185,16 @@ def test_the_ordinary_op_is_the_shard_mode_of_one_shard(path, dtype, monkeypatch
                                atol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("case", ["smoothing_weights", "grl_tensor"])
+def test_the_float64_cpu_shard_mode_as_ground_truth(case):
+    """check_shards(..., against="cpu"), as a CUDA or Triton shard mode uses it: here the
+    float32 reference shard mode against the float64 CPU shard mode."""
+    B, D, C = 12, 10, 30
+    x, w, t = make_inputs(B, D, C, seed=14)
+    kwargs = materialize_keywords(KEYWORDS[case], B, C, True, t)
+    shard_helpers.check_shards("reference", x, w, t, [12, 0, 18], against="cpu", **kwargs)
+
+
 def test_the_cpu_backend_runs_the_compiled_ops():
     assert shard_mode.COMPILED.get("cpu") == ""
     x, w, t = make_inputs(6, 4, 9, seed=13)
