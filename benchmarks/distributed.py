@@ -4,7 +4,8 @@
 Three implementations of one ArcFace step (s = 64, m = 0.5, fp32, forward and backward into the
 embeddings and the class centres) on the same global batch:
 
-  sharded      udat_kernels.distributed.ShardedAngularMarginLoss over N gloo ranks
+  sharded      udat_kernels.distributed.ShardedAngularMarginLoss over N gloo ranks (the table
+               says which shard mode ran: the compiled one of the backend, or the reference)
   partial-fc   a plain-PyTorch class-parallel baseline written from Partial FC's published
                design: all-gathered embeddings, the (global batch × local classes) cosine
                logits materialized, the margin applied in place, max and sum of exponentials
@@ -150,10 +151,14 @@ def _rank_main(spec):
     labels = labels_global[rank * rows:(rank + 1) * rows].clone()
     del x_global, labels_global
 
+    mode = None
     if impl == "sharded":
-        from udat_kernels.distributed import ShardedAngularMarginLoss
+        from udat_kernels import dispatch
+        from udat_kernels.distributed import ShardedAngularMarginLoss, shard_mode
 
         head = ShardedAngularMarginLoss(C, D, scale=SCALE, margin=MARGIN, timeout=1800)
+        backend = dispatch.select(head.backend, x, head.weight).name
+        mode = f"{backend} {'compiled' if backend in shard_mode.COMPILED else 'reference'}"
         with torch.no_grad():
             head.weight.copy_(centres(head.class_start, head.num_local, D))
         weight = head.weight
@@ -201,7 +206,7 @@ def _rank_main(spec):
     barrier()
     peak, method = cpu_peak_rss_growth(step)
     print(json.dumps({"rank": rank, "loss": loss, "times": times, "peak_bytes": peak,
-                      "method": method}), flush=True)
+                      "method": method, "shard_mode": mode}), flush=True)
     if impl != "single":
         dist.barrier()
         dist.destroy_process_group()
@@ -250,7 +255,8 @@ def run_impl(impl, args):
     per_step = [max(r["times"][i] for r in reports) for i in range(args.steps)]
     return {"impl": impl, "processes": world, "threads": threads,
             "peak_mib": [r["peak_bytes"] / 2**20 for r in reports],
-            "method": reports[0]["method"], "median_s": statistics.median(per_step),
+            "method": reports[0]["method"], "shard_mode": reports[0].get("shard_mode"),
+            "median_s": statistics.median(per_step),
             "min_s": min(per_step), "max_s": max(per_step), "loss": reports[0]["loss"]}
 
 
@@ -266,7 +272,8 @@ def report(rows, args):
             print(f"| {r['impl']} | – | – | – | error: {r['error']} |")
             continue
         peaks = ", ".join(f"{p:.0f}" for p in r["peak_mib"])
-        print(f"| {r['impl']} | {r['processes']} × {r['threads']} | {peaks} | "
+        name = r["impl"] + (f" ({r['shard_mode']} shard mode)" if r.get("shard_mode") else "")
+        print(f"| {name} | {r['processes']} × {r['threads']} | {peaks} | "
               f"{r['median_s']:.3f} s ({r['min_s']:.3f}–{r['max_s']:.3f}) | {r['loss']:.4f} |")
     by = {r["impl"]: r for r in rows if "error" not in r}
     if "sharded" in by and "partial-fc" in by:

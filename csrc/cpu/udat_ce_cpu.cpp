@@ -36,6 +36,12 @@ constexpr int64_t kDefaultBlockBytes = int64_t(256) << 20;
 // several blocks on small inputs).
 int64_t block_bytes() { return env_knob("UDAT_CPU_BLOCK_BYTES", kDefaultBlockBytes); }
 
+// The shard mode's blocks hold at most this many rows as well (docs/design.md, "Shard mode"):
+// its point is the rank's peak memory (the shard's grad W beside one block), and with 256 rows
+// the three GEMMs of a block are already compute-bound (each block re-reads W and re-writes the
+// grad-W accumulator: 2·256 flops per 4 bytes of the accumulator).
+constexpr int64_t kShardBlockRows = 256;
+
 // Heads of at most this many classes take the small-C pass (no GEMMs, no per-op overhead);
 // UDAT_CPU_SMALL_C overrides it (tests set 0 to run small heads through the row blocks).
 constexpr int64_t kDefaultSmallC = cpu::kSmallHeadMax;
@@ -149,11 +155,25 @@ void softmax_grad(float* z, int64_t n, float lse, float kp, float kb, const floa
   cpu::softmax_grad(z, n, lse, kp, kb, w, col_scale);
 }
 
+// Which classes `weight` holds (docs/design.md, "Shard mode"): [offset, offset + C) of
+// num_classes. The ordinary op is the whole problem (offset 0, num_classes = C) and writes each
+// row's loss; the shard mode writes each row's partial q_i instead (docs/math.md, "Class shards").
+struct ShardSpec {
+  int64_t offset;
+  int64_t num_classes;
+  bool partial;
+
+  static ShardSpec whole(int64_t C) { return {0, C, false}; }
+};
+
 // The inputs in the accumulation type T, with the per-row and per-class quantities both passes
 // need. Built once per op call.
 template <typename T>
 struct Problem {
-  int64_t B, C, D;
+  int64_t B, C, D;   // C: the classes of `weight` (this shard's, in the shard mode)
+  int64_t offset;    // the global id of weight's first class
+  int64_t num_classes;  // every class of the problem: b = ε/num_classes, y in [0, num_classes)
+  bool partial;      // the shard mode's rows: q_i rather than loss_i
   bool small;        // the small-C pass: x̂ is formed row by row, feats stays undefined
   // The row blocks take bf16 GEMMs (docs/design.md, "bfloat16 inputs on the CPU"): x and
   // weight are both bf16 and the CPU has the instruction. The GEMM operands are then x and W as
@@ -172,13 +192,33 @@ struct Problem {
   at::Tensor col_scale;  // (C,) s/max(|W_j|, eps)       (angular)
   at::Tensor x_norm;  // (B,) |x_i|                     (angular)
   at::Tensor w_norm;  // (C,) |W_j|                     (angular)
-  at::Tensor cw;     // (C,) class weights in T, undefined when absent (all ones)
+  at::Tensor cw;     // (num_classes,) class weights in T, undefined when absent (all ones)
   at::Tensor sw;     // (B,) sample weights in T, undefined when absent
   at::Tensor bias;   // (C,) in T, undefined when absent
   const int64_t* target;
-  T wsum;            // Σ_j w_j
-  T denom;           // Σ_{i not ignored} v_i w_{y_i}: the mean's divisor
+  T wsum;            // Σ_j w_j over all num_classes
+  T denom;           // Σ_{i not ignored} v_i w_{y_i}: the mean's divisor (ordinary op only)
 };
+
+// A row's target as this shard sees it. valid: counts (y in [0, num_classes), not ignored);
+// bad: neither valid nor ignored (its outputs are NaN; the ordinary op has rejected such targets
+// before); owned: valid and one of weight's classes, at column `local`. For the ordinary op
+// owned = valid and local = y.
+struct RowTarget {
+  bool valid, bad, owned;
+  int64_t local;
+};
+
+template <typename T>
+RowTarget row_target(const Problem<T>& P, int64_t ignore_index, int64_t i) {
+  const int64_t y = P.target[i];
+  RowTarget r;
+  r.valid = y != ignore_index && y >= 0 && y < P.num_classes;
+  r.bad = y != ignore_index && !r.valid;
+  r.local = y - P.offset;
+  r.owned = r.valid && r.local >= 0 && r.local < P.C;
+  return r;
+}
 
 // |W_j| of bf16 rows, in float32 from double sums, without a float32 copy of W.
 at::Tensor bf16_row_norms(const at::Tensor& w16) {
@@ -195,12 +235,16 @@ at::Tensor bf16_row_norms(const at::Tensor& w16) {
 template <typename T>
 Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
                         const OptTensor& bias, const OptTensor& class_weight,
-                        const OptTensor& sample_weight, const CeOptions& opt) {
+                        const OptTensor& sample_weight, const CeOptions& opt,
+                        const ShardSpec& shard) {
   const auto st = c10::CppTypeToScalarType<T>::value;
   Problem<T> P;
   P.B = x.size(0);
   P.C = weight.size(0);
   P.D = x.size(1);
+  P.offset = shard.offset;
+  P.num_classes = shard.num_classes;
+  P.partial = shard.partial;
   P.opts = x.options().dtype(st);
   P.small = P.C <= small_c_limit();
   P.bf16 = std::is_same_v<T, float> && !P.small && x.scalar_type() == at::kBFloat16 &&
@@ -247,7 +291,9 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
   if (sample_weight) P.sw = sample_weight->to(st).contiguous();
   if (bias) P.bias = bias->to(st).contiguous();
   P.target = target.data_ptr<int64_t>();
-  P.wsum = P.cw.defined() ? P.cw.sum().template item<T>() : T(P.C);
+  P.wsum = P.cw.defined() ? P.cw.sum().template item<T>() : T(P.num_classes);
+  P.denom = T(0);
+  if (P.partial) return P;  // no reduction in the shard mode
   double denom = 0;
   const T* cw = P.cw.defined() ? P.cw.template data_ptr<T>() : nullptr;
   const T* sw = P.sw.defined() ? P.sw.template data_ptr<T>() : nullptr;
@@ -263,24 +309,28 @@ Problem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const at:
 // Where one pass over the row blocks writes. A null pointer or undefined tensor skips that part.
 template <typename T>
 struct PassOut {
-  T* loss_rows = nullptr;     // (B,) v_i·loss_i, 0 for ignored rows
+  T* loss_rows = nullptr;     // (B,) v_i·loss_i (the shard mode: q_i), 0 for ignored rows
   T* lse = nullptr;           // (B,) written, or read when lse_given
   bool lse_given = false;
   const T* k = nullptr;       // (B,) gradient factor of each row; null: no gradient
   T x_scale = T(1);           // grad x multiplier (-λ for the fused GRL)
-  at::Tensor grad_x;          // (B, D), x's dtype
+  at::Tensor grad_x;          // (B, D), x's dtype (the shard mode: T)
   at::Tensor grad_w_acc;      // (C, D) in T, accumulated
   at::Tensor grad_b_acc;      // (C,) in T, accumulated
 };
 
-// The fused epilogue of one row: logits -> (loss, lse) and, with k, the logit gradient in place.
+// The fused epilogue of one row: logits -> (loss or partial, lse) and, with k, the logit
+// gradient in place. In the shard mode the target column is this shard's only where it owns the
+// row's target, and the class weights of its columns are cw[offset + j].
 template <typename T>
 void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<T>& mp,
                   const PassOut<T>& out, int64_t i, T* z) {
   const int64_t C = P.C;
   const int64_t y = P.target[i];
-  const bool valid = y != opt.ignore_index;
+  const RowTarget rt = row_target(P, opt.ignore_index, i);
+  const int64_t ly = rt.local;  // the target's column (read only when owned)
   const T* cw = P.cw.defined() ? P.cw.template data_ptr<T>() : nullptr;
+  const T* cw_cols = cw ? cw + P.offset : nullptr;
   const T* sw = P.sw.defined() ? P.sw.template data_ptr<T>() : nullptr;
   const T* col_scale = opt.normalize ? P.col_scale.template data_ptr<T>() : nullptr;
   const T* bias = P.bias.defined() ? P.bias.template data_ptr<T>() : nullptr;
@@ -290,13 +340,13 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
   const T x_div = P.raw_x ? std::max(P.x_norm.template data_ptr<T>()[i], T(kNormEps)) : T(1);
   const T row_scale = P.raw_x ? P.x_inv.template data_ptr<T>()[i] : T(1);
   T c_y = 0;  // the target cosine, kept for ψ'
-  if (opt.normalize && valid) {
+  if (opt.normalize && rt.owned) {
     // Divide rather than multiply by 1/|W_y| (see make_problem).
-    const T z_y = P.raw_x ? z[y] / x_div : z[y];
-    c_y = z_y / std::max(P.w_norm.template data_ptr<T>()[y], T(kNormEps));
+    const T z_y = P.raw_x ? z[ly] / x_div : z[ly];
+    c_y = z_y / std::max(P.w_norm.template data_ptr<T>()[ly], T(kNormEps));
   }
   scale_bias(z, C, col_scale, bias, row_scale);
-  if (opt.normalize && valid) z[y] = mp.scale * margin_psi(c_y, mp);
+  if (opt.normalize && rt.owned) z[ly] = mp.scale * margin_psi(c_y, mp);
 
   T lse;
   if (out.lse_given) {
@@ -313,30 +363,43 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
     out.lse[i] = lse;
   }
 
-  const T wy = valid ? (cw ? cw[y] : T(1)) : T(0);
-  const RowCoef<T> rc = row_coef<T>(wy, P.wsum, T(opt.label_smoothing), C);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T wy = rt.valid ? (cw ? cw[y] : T(1)) : T(0);
+  const RowCoef<T> rc = row_coef<T>(wy, P.wsum, T(opt.label_smoothing), P.num_classes);
   if (out.loss_rows) {
-    T loss = 0;
-    if (valid) {
-      const T wz = rc.b != T(0) ? T(weighted_sum(z, C, cw)) : T(0);
-      loss = (sw ? sw[i] : T(1)) * row_loss(rc, lse, z[y], P.wsum, wz);
+    T loss = rt.bad ? nan : T(0);
+    if (rt.valid) {
+      const T wz = rc.b != T(0) ? T(weighted_sum(z, C, cw_cols)) : T(0);
+      if (P.partial) {
+        // q_i = −v_i·[a_i·z_iy·[owned] + b·Σ_{j in shard} w_j·z_ij]
+        T q = rt.owned ? rc.a * z[ly] : T(0);
+        if (rc.b != T(0)) q += rc.b * wz;
+        loss = -(sw ? sw[i] : T(1)) * q;
+      } else {
+        loss = (sw ? sw[i] : T(1)) * row_loss(rc, lse, z[ly], P.wsum, wz);
+      }
     }
     out.loss_rows[i] = loss;
   }
 
   if (!out.k) return;
-  const T k = valid ? out.k[i] * row_scale : T(0);
+  if (rt.bad) {  // shard mode only: the whole row's gradient is NaN, as its loss
+    std::fill(z, z + C, nan);
+    return;
+  }
+  const T k = rt.valid ? out.k[i] * row_scale : T(0);
   if (k == T(0)) {
     std::fill(z, z + C, T(0));
     return;
   }
-  softmax_grad(z, C, lse, k * rc.p_coef, k * rc.b, rc.b != T(0) ? cw : nullptr, col_scale);
-  // The target column: subtract a·k, and (angular) apply ψ'(c_y), the chain rule through the
-  // margin.
+  softmax_grad(z, C, lse, k * rc.p_coef, k * rc.b, rc.b != T(0) ? cw_cols : nullptr, col_scale);
+  // The target column, where this shard holds it: subtract a·k, and (angular) apply ψ'(c_y),
+  // the chain rule through the margin.
+  if (!rt.owned) return;
   if (opt.normalize) {
-    z[y] = (z[y] - k * rc.a * col_scale[y]) * margin_dpsi(c_y, mp);
+    z[ly] = (z[ly] - k * rc.a * col_scale[ly]) * margin_dpsi(c_y, mp);
   } else {
-    z[y] -= k * rc.a;
+    z[ly] -= k * rc.a;
   }
 }
 
@@ -557,7 +620,8 @@ void run_blocks(const Problem<T>& P, const CeOptions& opt, const PassOut<T>& out
   // As many rows as the budget allows, spread evenly over the blocks: a small last block would
   // run the GEMMs at a poor shape.
   const int64_t max_rows = std::max<int64_t>(
-      1, std::min<int64_t>(P.B, block_bytes() / std::max<int64_t>(1, C * int64_t(sizeof(T)))));
+      1, std::min<int64_t>(P.partial ? std::min(P.B, kShardBlockRows) : P.B,
+                           block_bytes() / std::max<int64_t>(1, C * int64_t(sizeof(T)))));
   const int64_t blocks = P.B > 0 ? (P.B + max_rows - 1) / max_rows : 1;
   const int64_t rows = std::max<int64_t>(1, (P.B + blocks - 1) / blocks);
   at::Tensor buf = at::empty({rows, C}, P.opts);
@@ -630,12 +694,13 @@ T grl_scale(const OptTensor& grl_lambda) {
   return T(-lambda);
 }
 
-// The gradient outputs of a pass, in T, and their conversion to the caller's dtypes.
+// The gradient outputs of a pass, in T, and their conversion to the caller's dtypes. grad x is
+// in x's dtype, or in T for the shard mode (its parts are summed over the shards).
 template <typename T>
 void alloc_grads(const Problem<T>& P, const at::Tensor& x, const at::Tensor& weight,
                  const OptTensor& bias, PassOut<T>& out) {
   const auto st = c10::CppTypeToScalarType<T>::value;
-  out.grad_x = at::empty({P.B, P.D}, x.options());
+  out.grad_x = at::empty({P.B, P.D}, P.partial ? P.opts : x.options());
   // Zeroed only for an empty batch; otherwise the first row block overwrites it.
   out.grad_w_acc = P.B == 0 ? at::zeros({P.C, P.D}, weight.options().dtype(st))
                             : at::empty({P.C, P.D}, weight.options().dtype(st));
@@ -665,7 +730,8 @@ FwdResult forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::
                        const OptTensor& bias, const OptTensor& class_weight,
                        const OptTensor& sample_weight, const OptTensor& grl_lambda,
                        const CeOptions& opt, bool compute_grad) {
-  Problem<T> P = make_problem<T>(x, weight, target, bias, class_weight, sample_weight, opt);
+  Problem<T> P = make_problem<T>(x, weight, target, bias, class_weight, sample_weight, opt,
+                                 ShardSpec::whole(weight.size(0)));
   const auto st = c10::CppTypeToScalarType<T>::value;
   const auto fopt = x.options().dtype(st);
   at::Tensor loss_rows = at::empty({P.B}, fopt);
@@ -709,7 +775,8 @@ BwdResult backward_impl(const at::Tensor& grad_loss, const at::Tensor& x,
                         const OptTensor& bias, const OptTensor& class_weight,
                         const OptTensor& sample_weight, const at::Tensor& lse,
                         const OptTensor& grl_lambda, const CeOptions& opt) {
-  Problem<T> P = make_problem<T>(x, weight, target, bias, class_weight, sample_weight, opt);
+  Problem<T> P = make_problem<T>(x, weight, target, bias, class_weight, sample_weight, opt,
+                                 ShardSpec::whole(weight.size(0)));
   const auto st = c10::CppTypeToScalarType<T>::value;
   const bool per_row = opt.reduction == Reduction::None;
   TORCH_CHECK_VALUE(per_row ? (grad_loss.dim() == 1 && grad_loss.size(0) == P.B)
@@ -779,10 +846,125 @@ BwdResult margin_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x,
                               grl_lambda, opt);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The shard mode (docs/design.md, "Shard mode"): the same passes over a shard of the classes,
+// with per-row partials in the forward and the combined lse in the backward.
+// ---------------------------------------------------------------------------------------------
+
+// A shard without classes: lse^(r) = −inf, q^(r) = 0 (NaN on rows with a bad target); its part
+// of grad x is zero.
+template <typename T>
+ShardFwdResult empty_shard_forward(const at::Tensor& x, const at::Tensor& target,
+                                   const CeOptions& opt, int64_t num_classes) {
+  const auto fopt = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  const int64_t B = x.size(0);
+  at::Tensor lse = at::full({B}, -std::numeric_limits<T>::infinity(), fopt);
+  at::Tensor partial = at::zeros({B}, fopt);
+  const int64_t* t = target.data_ptr<int64_t>();
+  T* q = partial.data_ptr<T>();
+  for (int64_t i = 0; i < B; ++i) {
+    if (t[i] != opt.ignore_index && (t[i] < 0 || t[i] >= num_classes)) {
+      q[i] = std::numeric_limits<T>::quiet_NaN();
+    }
+  }
+  return {lse, partial};
+}
+
+template <typename T>
+ShardFwdResult shard_forward_impl(const at::Tensor& x, const at::Tensor& weight,
+                                  const at::Tensor& target, const OptTensor& bias,
+                                  const OptTensor& class_weight, const OptTensor& sample_weight,
+                                  const CeOptions& opt, const ShardSpec& shard) {
+  if (weight.size(0) == 0) return empty_shard_forward<T>(x, target, opt, shard.num_classes);
+  Problem<T> P = make_problem<T>(x, weight, target, bias, class_weight, sample_weight, opt, shard);
+  at::Tensor lse = at::empty({P.B}, P.opts);
+  at::Tensor partial = at::empty({P.B}, P.opts);
+  PassOut<T> out;
+  out.loss_rows = partial.data_ptr<T>();
+  out.lse = lse.data_ptr<T>();
+  P.small ? small_pass(P, opt, out) : run_blocks(P, opt, out);
+  return {lse, partial};
+}
+
+template <typename T>
+BwdResult shard_backward_impl(const at::Tensor& grad_rows, const at::Tensor& x,
+                              const at::Tensor& weight, const at::Tensor& target,
+                              const OptTensor& bias, const OptTensor& class_weight,
+                              const OptTensor& sample_weight, const at::Tensor& lse,
+                              const OptTensor& grl_lambda, const CeOptions& opt,
+                              const ShardSpec& shard) {
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  const T x_scale = grl_scale<T>(grl_lambda);
+  if (weight.size(0) == 0) {
+    const auto fopt = x.options().dtype(st);
+    return {at::zeros({x.size(0), x.size(1)}, fopt), at::empty({0, x.size(1)}, weight.options()),
+            bias ? at::empty({0}, bias->options()) : at::empty({0}, fopt)};
+  }
+  Problem<T> P = make_problem<T>(x, weight, target, bias, class_weight, sample_weight, opt, shard);
+  // k_i = v_i·∂L/∂loss_i; row_epilogue zeroes the ignored rows and fills the bad ones with NaN.
+  at::Tensor k = grad_rows.to(st);
+  if (P.sw.defined()) k = k * P.sw;
+  k = k.contiguous();
+  at::Tensor lse_t = lse.to(st).contiguous();
+  PassOut<T> out;
+  out.lse = lse_t.data_ptr<T>();
+  out.lse_given = true;
+  out.k = k.data_ptr<T>();
+  out.x_scale = x_scale;
+  alloc_grads(P, x, weight, bias, out);
+  P.small ? small_pass(P, opt, out) : run_blocks(P, opt, out);
+  return finish_grads(P, opt, weight, bias, out);
+}
+
+ShardFwdResult margin_ce_shard_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor& target, const OptTensor& bias,
+                                       const OptTensor& class_weight,
+                                       const OptTensor& sample_weight, int64_t class_offset,
+                                       int64_t num_classes, bool normalize, double scale,
+                                       double margin, double cos_margin, double label_smoothing,
+                                       int64_t ignore_index, bool straight_through) {
+  const CeOptions opt = make_options(normalize, scale, margin, cos_margin, label_smoothing,
+                                     ignore_index, 0, straight_through);
+  check_shard_inputs(x, weight, target, bias, class_weight, sample_weight, opt, class_offset,
+                     num_classes);
+  const ShardSpec shard{class_offset, num_classes, true};
+  const at::Tensor tgt = target.contiguous();
+  if (loss_dtype(x, weight) == at::kDouble) {
+    return shard_forward_impl<double>(x, weight, tgt, bias, class_weight, sample_weight, opt,
+                                      shard);
+  }
+  return shard_forward_impl<float>(x, weight, tgt, bias, class_weight, sample_weight, opt, shard);
+}
+
+BwdResult margin_ce_shard_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x,
+                                  const at::Tensor& weight, const at::Tensor& target,
+                                  const OptTensor& bias, const OptTensor& class_weight,
+                                  const OptTensor& sample_weight, const at::Tensor& lse,
+                                  const OptTensor& grl_lambda, int64_t class_offset,
+                                  int64_t num_classes, bool normalize, double scale,
+                                  double margin, double cos_margin, double label_smoothing,
+                                  int64_t ignore_index, bool straight_through) {
+  const CeOptions opt = make_options(normalize, scale, margin, cos_margin, label_smoothing,
+                                     ignore_index, 0, straight_through);
+  check_shard_inputs(x, weight, target, bias, class_weight, sample_weight, opt, class_offset,
+                     num_classes);
+  check_shard_rows(x, grad_rows, lse);
+  const ShardSpec shard{class_offset, num_classes, true};
+  const at::Tensor tgt = target.contiguous();
+  if (loss_dtype(x, weight) == at::kDouble) {
+    return shard_backward_impl<double>(grad_rows, x, weight, tgt, bias, class_weight,
+                                       sample_weight, lse, grl_lambda, opt, shard);
+  }
+  return shard_backward_impl<float>(grad_rows, x, weight, tgt, bias, class_weight, sample_weight,
+                                    lse, grl_lambda, opt, shard);
+}
+
 }  // namespace
 }  // namespace udat
 
 TORCH_LIBRARY_IMPL(udat_kernels, CPU, m) {
   m.impl("margin_ce_fwd", &udat::margin_ce_fwd_cpu);
   m.impl("margin_ce_bwd", &udat::margin_ce_bwd_cpu);
+  m.impl("margin_ce_shard_fwd", &udat::margin_ce_shard_fwd_cpu);
+  m.impl("margin_ce_shard_bwd", &udat::margin_ce_shard_bwd_cpu);
 }
