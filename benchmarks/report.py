@@ -79,7 +79,7 @@ def cpu_groups(name: str) -> list[Group]:
                   ["ours:cpu", "reference", "torch-lce"], budget_s=0.3, sweep=True),
         ]
     groups = [
-        Group("targets", "Large head of the core issue's targets: (1024, 512, 100000)",
+        Group("targets", "Large head of the CPU targets: (1024, 512, 100000)",
               _cases("arcface", [(1024, 512, 100_000)]), ["ours:cpu", "reference", "compile"],
               budget_s=12.0,
               notes=["ArcFace s=64, m=0.5, fp32, forward+backward through loss.backward()."]),
@@ -89,7 +89,7 @@ def cpu_groups(name: str) -> list[Group]:
               notes=["ArcFace s=64, m=0.5, bf16 x and W (loss and sums in fp32), "
                      "forward+backward; measured right after the fp32 rows above, against which "
                      "the targets below compare it."]),
-        Group("small", "Small heads of the core issue's targets: B=256, D=512, C=2 and 7",
+        Group("small", "Small heads of the CPU targets: B=256, D=512, C=2 and 7",
               _cases("arcface", [(256, 512, 2), (256, 512, 7)]),
               ["ours:cpu", "reference", "insightface", "pml", "torch-lce"], budget_s=2.0,
               notes=["torch.compile is timed in the sweep and at C=100000 (each shape costs a "
@@ -261,7 +261,7 @@ def cpu_target_lines(rows: list[Row]) -> list[str]:
 
 
 def gpu_target_lines(rows: list[Row], ceilings: dict, shapes: set) -> list[str]:
-    """The GPU issues' targets for the (B, D, C) shapes in `shapes` (those this run measured)."""
+    """The GPU targets (docs/design.md, "Performance model") for the (B, D, C) shapes in `shapes` (those this run measured)."""
     out = []
     for impl, limit_us in (("ours:triton", 30), ("ours:cuda", 20)):
         for C in (2, 7):
