@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+from udat_kernels.udat.config import ModelConfig, RunConfig, TrainConfig
 from udat_kernels.udat.data import Domain, load_digits
-from udat_kernels.udat.training import TrainConfig, Trainer
+from udat_kernels.udat.training import Trainer
 from udat_kernels.udat.training.checkpoint import atomic_save
 from udat_kernels.udat.training.streams import BatchStream
 
@@ -23,8 +24,8 @@ def domains():
 
 
 def tiny(method, **kwargs):
-    base = dict(method=method, width=1 / 16, epochs=2, lr=0.01, momentum=0.9, seed=3)
-    return TrainConfig(**{**base, **kwargs})
+    base = dict(method=method, epochs=2, lr=0.01, momentum=0.9, seed=3)
+    return RunConfig(model=ModelConfig(width=1 / 16), train=TrainConfig(**{**base, **kwargs}))
 
 
 def theta(model, part):
@@ -150,7 +151,7 @@ def test_resume_refuses_other_settings(domains, tmp_path):
     source, target = domains
     Trainer(tiny("udat", epochs=1), source, target, tmp_path, progress=False).fit()
     other = Trainer(tiny("udat", epochs=1, lr=0.02), source, target, tmp_path, progress=False)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="train.lr"):
         other.fit(resume=True)
 
 

@@ -29,7 +29,7 @@ def _pct(values) -> str:
 def format_markdown(results: dict) -> str:
     """The five-row table: target accuracy under the label-free selection, balanced accuracy,
     the oracle accuracy (best target-test epoch and λ, what the paper reported) and λ."""
-    selection = results["config"]["select"]
+    selection = results["config"]["train"]["select"]
     label = "oracle" if selection == "oracle" else f"label-free ({selection})"
     lines = [f"S: {results['source']} → T: {results['target']}, seeds {results['seeds']}, "
              f"accuracy on the target test set (%), mean ± std over seeds",

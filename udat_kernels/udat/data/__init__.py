@@ -1,7 +1,8 @@
 """Data sets as in-memory domains: FER2013, RAF-DB, the offline digit pair, image folders.
 
 `load_domain(name, root, size)` returns a `Domain` (train and test `ImageSet`s of uint8 images
-resized to size×size, canonical labels) and `to_input` turns a batch into model input.
+resized to size×size, canonical labels), `load_domains(data, size)` the source and target of a
+`DataConfig`, and `to_input` turns a batch into model input.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .imageset import DataFormatError, Domain, ImageSet
 from .rafdb import load_rafdb
 from .transforms import to_input
 
-__all__ = ["DOMAINS", "load_domain", "Domain", "ImageSet", "DataFormatError", "EXPRESSIONS",
+__all__ = ["DOMAINS", "load_domain", "load_domains", "Domain", "ImageSet", "DataFormatError", "EXPRESSIONS",
            "to_input", "load_fer2013", "load_rafdb", "load_mnist5k", "load_digits",
            "load_folder"]
 
@@ -33,3 +34,11 @@ def load_domain(name: str, root=None, size: int = 32, **options) -> Domain:
     loader = {"mnist5k": load_mnist5k, "digits": load_digits, "fer2013": load_fer2013,
               "rafdb": load_rafdb, "folder": load_folder}[name]
     return loader(root, size=size, **options)
+
+
+def load_domains(data, size: int) -> tuple[Domain, Domain]:
+    """(source, target) of a `DataConfig`, resized to `size` (the model's input side)."""
+    options = {"fer2013": {"test_usage": data.fer_test}}
+    source = load_domain(data.source, data.source_root, size, **options.get(data.source, {}))
+    target = load_domain(data.target, data.target_root, size, **options.get(data.target, {}))
+    return source, target

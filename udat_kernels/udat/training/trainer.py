@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from ..data import Domain, ImageSet, to_input
 from ..data.imageset import stratified_split
-from ..models import build_model, load_pretrained
+from ..models import UDATVGG, load_pretrained
 from udat_kernels.schedules import ConstantLambda, GaninLambda, WarmStartLambda
 from .checkpoint import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint
-from .config import TrainConfig
+from ..config import RunConfig, TrainConfig
 from .evaluate import accuracy_report, autocast_context, mean_entropy, predict
 from .streams import BatchStream, derive_seed
 
@@ -53,20 +53,23 @@ def _make_schedule(config: TrainConfig):
 
 
 class Trainer:
-    """Trains `config.method` on (source, target) into `out_dir`.
+    """Trains `config.train.method` on (source, target) into `out_dir`.
 
     Files: last.pt (resumable state, rewritten atomically each epoch and every
-    `checkpoint_every` steps), best.pt (model weights of the best epoch under `config.select`),
+    `checkpoint_every` steps), best.pt (model weights of the best epoch under the `select`
+    criterion),
     log.jsonl (one JSON record per line), result.json (the run's summary, written at the end).
     `on_step(trainer)` is called after every optimiser step (tests use it to interrupt a run).
     """
 
-    def __init__(self, config: TrainConfig, source: Domain, target: Domain, out_dir, *,
+    def __init__(self, run: RunConfig, source: Domain, target: Domain, out_dir, *,
                  progress: bool = True, on_step=None):
         if source.classes != target.classes:
             raise ValueError(f"source and target classes differ: {source.classes} vs "
                              f"{target.classes}")
-        self.config, self.source, self.target = config, source, target
+        self.run = run
+        self.config = config = run.train
+        self.source, self.target = source, target
         self.out_dir = Path(out_dir)
         self.progress, self.on_step = progress, on_step
         self.device = torch.device(config.device)
@@ -75,7 +78,7 @@ class Trainer:
         spec = config.spec
         self.labelled_domain = target if spec.labelled == "target" else source
         train_index, val_index = stratified_split(self.labelled_domain.train.labels.numpy(),
-                                                  config.val_fraction, VAL_SPLIT_SEED)
+                                                  run.data.val_fraction, VAL_SPLIT_SEED)
         self.labelled = self.labelled_domain.train.subset(train_index)
         self.val = self.labelled_domain.train.subset(val_index)
         self.model = self._build_model()
@@ -98,18 +101,17 @@ class Trainer:
         self._sums = {"loss_y": 0.0, "loss_d": 0.0, "steps": 0}
 
     def _build_model(self):
-        config, spec = self.config, self.config.spec
+        config, spec, arch = self.config, self.config.spec, self.run.model
         torch.manual_seed(derive_seed(config.seed, 0))  # the initial weights
-        model = build_model(len(self.source.classes), config.model, domain_head=spec.domain_head,
-                            width=config.width, input_size=config.input_size,
-                            batch_norm=config.batch_norm, domain_scale=config.scale,
-                            domain_margin=spec.margin, lambda_=_make_schedule(config))
+        model = UDATVGG(len(self.source.classes), arch.architecture(),
+                        domain_head=spec.domain_head, domain_scale=arch.scale,
+                        domain_margin=spec.margin, lambda_=_make_schedule(config))
         size = model.config.input_size
         for domain in (self.source, self.target):
             if domain.train.images.shape[-1] != size:
                 raise ValueError(f"{domain.name} images are {domain.train.images.shape[-1]}px, "
                                  f"the model takes {size}px: load the domain with size={size}")
-        self.init_report = load_pretrained(model, config.init) if config.init else None
+        self.init_report = load_pretrained(model, arch.init) if arch.init else None
         model.to(self.device)
         if self.device.type == "cuda":
             model.to(memory_format=torch.channels_last)
@@ -118,7 +120,7 @@ class Trainer:
     # --- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"config": self.config.to_dict(), "step": self.step, "epoch": self.epoch,
+        return {"config": self.run.to_dict(), "step": self.step, "epoch": self.epoch,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "labelled_stream": self.labelled_stream.state_dict(),
@@ -126,9 +128,10 @@ class Trainer:
                 "history": self.history, "best": self.best, "sums": dict(self._sums)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != self.config.to_dict():
-            changed = sorted(k for k, v in state["config"].items()
-                             if self.config.to_dict().get(k) != v)
+        if state["config"] != self.run.to_dict():
+            ours = self.run.to_dict()
+            changed = sorted(f"{part}.{k}" for part, values in state["config"].items()
+                             for k, v in values.items() if ours.get(part, {}).get(k) != v)
             raise ValueError(f"cannot resume: the checkpoint was written with other settings "
                              f"({', '.join(changed)})")
         self.model.load_state_dict(state["model"])
@@ -230,7 +233,7 @@ class Trainer:
         else:
             for name in ("log.jsonl", "result.json", "best.pt", "last.pt"):
                 (self.out_dir / name).unlink(missing_ok=True)
-            self._log({"event": "start", "step": 0, "config": self.config.to_dict(),
+            self._log({"event": "start", "step": 0, "config": self.run.to_dict(),
                        "init": self.init_report.format() if self.init_report else None})
         while self.epoch < self.config.epochs:
             self._run_epoch()
@@ -267,7 +270,7 @@ class Trainer:
     def result(self) -> dict:
         """The run's summary: the epoch chosen by config.select and its target metrics."""
         chosen = self.history[self.best["epoch"] - 1]
-        return {"config": self.config.to_dict(), "selected_epoch": self.best["epoch"],
+        return {"config": self.run.to_dict(), "selected_epoch": self.best["epoch"],
                 "selection": self.config.select, "target_test": chosen["target_test"],
                 "source_test": chosen["source_test"],
                 "oracle_acc": max(r["target_test"]["acc"] for r in self.history),
