@@ -120,3 +120,41 @@ def test_only_the_argument_module_sees_argparse():
                                        and node.attr == "parse_args"):
                 users.append(path.relative_to(root).as_posix())
     assert set(users) == {"arguments.py"}
+
+
+def test_every_config_field_is_classified_for_the_run_key():
+    """A new field must be declared result-changing (in the run key and the resume check) or
+    not: the one documented list in udat_kernels.udat.runkey."""
+    from dataclasses import fields
+
+    from udat_kernels.udat.runkey import OTHER_FIELDS, RESULT_FIELDS
+
+    for section, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
+        names = {f.name for f in fields(cls)}
+        assert names == set(RESULT_FIELDS[section]) | set(OTHER_FIELDS[section]), section
+        assert not set(RESULT_FIELDS[section]) & set(OTHER_FIELDS[section])
+
+
+def test_no_recipe_gives_settings_that_train_the_compact_model():
+    run = parse_train(["--out", "r"]).run
+    assert run.model.preset == "vgg16-compact" and run.model.size == 32
+    t = run.train
+    assert (t.lr, t.momentum, t.epochs, t.batch_size, t.lambda_max, t.schedule) == (
+        0.03, 0.9, 10, 64, 0.1, "ganin")
+    assert run.data.augment == "shift-flip"
+
+
+def test_paper_recipe_and_command_line_overrides():
+    from udat_kernels.udat.config import PAPER_OURS, PAPER_STATES
+
+    command = parse_train(["--out", "r", "--recipe", "paper", "--epochs", "2", "--lr", "0.001"])
+    run = command.run
+    assert (run.model.preset, run.model.size, run.model.scale) == ("vgg16", 224, 64.0)
+    assert (run.train.lr, run.train.batch_size, run.train.momentum, run.train.epochs) == (
+        0.001, 64, 0.9, 2)
+    assert run.train.weight_decay == PAPER_OURS["train.weight_decay"]
+    assert command.overrides == ("train.epochs",)  # lr 0.001 is the recipe's own value
+    assert set(PAPER_STATES) & set(PAPER_OURS) == set()
+    experiment = parse_experiment(["--out", "o", "--recipe", "paper", "--lambda", "0.2"])
+    assert experiment.experiment.lambdas == (0.2,)
+    assert experiment.experiment.overrides == ("experiment.lambdas",)

@@ -20,9 +20,10 @@ from typing import NamedTuple
 from .data import DOMAINS
 from .models import PRESETS, VGGConfig
 
-__all__ = ["ConfigError", "Method", "METHODS", "SELECTIONS", "AMP_MODES", "SCHEDULES",
-           "FER_TEST_SPLITS", "DOMAINS_WITH_ROOT", "LAMBDA_SWEEP", "DataConfig", "ModelConfig",
-           "TrainConfig", "RunConfig", "ExperimentConfig"]
+__all__ = ["ConfigError", "Method", "METHODS", "VALIDATORS", "DEFAULT_VALIDATOR", "SELECTIONS",
+           "AMP_MODES", "SCHEDULES", "AUGMENTATIONS", "KEEP", "FER_TEST_SPLITS", "DOMAINS_WITH_ROOT", "LAMBDA_SWEEP",
+           "RECIPES", "RECIPE_FIELDS", "PAPER_STATES", "PAPER_OURS",
+           "DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "ExperimentConfig"]
 
 
 class ConfigError(ValueError):
@@ -52,12 +53,45 @@ METHODS = {
     "udat_as_margin": Method("source", "angular", 0.5),  # UDAT-AS, s = 64, m = 0.5
 }
 
-SELECTIONS = ("source_val", "entropy", "oracle")
+# The label-free validators (`udat_kernels.udat.training.validators`); `select` may also be
+# "oracle", the target test accuracy, which uses the target labels.
+VALIDATORS = ("source_val", "entropy", "dev", "snd")
+DEFAULT_VALIDATOR = "source_val"
+SELECTIONS = VALIDATORS + ("oracle",)
 AMP_MODES = ("off", "bf16", "fp16")
 SCHEDULES = ("ganin", "constant", "warm_start")
+# none: images as they are; shift-flip: each training image shifted by up to 1/8 of its side
+# (random crop of the zero-padded image) and, where the domain allows it, mirrored.
+AUGMENTATIONS = ("shift-flip", "none")
+KEEP = ("best", "last", "both")  # the weights a finished run keeps on disk
 FER_TEST_SPLITS = ("PrivateTest", "PublicTest")
 DOMAINS_WITH_ROOT = ("fer2013", "rafdb", "folder")  # the others ship with installed packages
 LAMBDA_SWEEP = tuple(round(0.1 * i, 1) for i in range(11))  # the paper's 0.0, 0.1, …, 1.0
+
+
+# `--recipe paper`: what the paper states, and our choices where it leaves a setting open
+# (docs/experiments.md, "The paper recipe"). Keys are "section.field"; the other fields keep
+# the defaults of the classes below (the "compact" recipe, which trains the compact model).
+PAPER_STATES = {
+    "model.preset": "vgg16",        # the modified VGG16 ...
+    "model.input_size": 224,        # ... at 224×224×3
+    "model.scale": 64.0,            # s = 64 (m = 0.5 is the udat_as_margin method's)
+    "train.lr": 0.001,              # SGD, lr 0.001
+    "train.batch_size": 64,         # batch 64
+    "experiment.lambdas": LAMBDA_SWEEP,  # λ from 0 to 1 in steps of 0.1 (+ the oracle column)
+}
+PAPER_OURS = {
+    "train.momentum": 0.9,          # momentum: not stated
+    "train.epochs": 30,             # epochs: not stated
+    "train.weight_decay": 5e-4,     # weight decay: not stated (VGG's usual value)
+    "train.schedule": "ganin",      # λ ramped from 0 to λ_max (Ganin & Lempitsky), not constant
+    "data.augment": "shift-flip",   # augmentation: not stated
+}
+RECIPES = {"compact": {}, "paper": {**PAPER_STATES, **PAPER_OURS}}
+# The fields a recipe decides (the others name the data and the process): a command line that
+# sets one of them to another value is recorded as overriding the recipe.
+RECIPE_FIELDS = (*PAPER_STATES, *PAPER_OURS, "model.width", "model.batch_norm",
+                 "train.lambda_max")
 
 
 def _check(obj, rules) -> None:
@@ -91,6 +125,7 @@ class DataConfig:
     holding it, needed for fer2013, rafdb and folder (mnist5k may take a CSV in its layout).
     fer_test: the FER2013 Usage that serves as its test split.
     val_fraction: share of the labelled training set held out for source validation.
+    augment: the training images' augmentation (`AUGMENTATIONS`).
     """
 
     source: str = "mnist5k"
@@ -99,6 +134,7 @@ class DataConfig:
     target_root: str | None = None
     fer_test: str = "PrivateTest"
     val_fraction: float = 0.1
+    augment: str = "shift-flip"
 
     def __post_init__(self):
         _check(self, [
@@ -107,6 +143,7 @@ class DataConfig:
             ("fer_test", self.fer_test in FER_TEST_SPLITS, f"one of {', '.join(FER_TEST_SPLITS)}"),
             ("val_fraction", _is_number(self.val_fraction) and 0 < self.val_fraction < 1,
              "a number in (0, 1)"),
+            ("augment", self.augment in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
         ])
         for side in ("source", "target"):
             name, root = getattr(self, side), getattr(self, f"{side}_root")
@@ -171,29 +208,35 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One run's method, seed and optimisation. Defaults: the paper's optimiser (SGD, lr 0.001,
-    batch 64 + 64).
+    """One run's method, seed and optimisation. The defaults (the "compact" recipe) train the
+    default compact model: SGD with lr 0.03 and momentum 0.9, batch 64 + 64, 10 epochs,
+    λ_max = 0.1 on Ganin's ramp. `--recipe paper` gives the paper's optimiser (`PAPER_STATES`).
 
     lambda_max, schedule: λ reaches lambda_max (Ganin's ramp), is constant, or warm-starts.
-    select: the criterion choosing the reported epoch — source_val (accuracy on the held-out
-    validation images), entropy (mean prediction entropy on the unlabelled target training
-    images, lower is better) or oracle (target test accuracy).
+    select: the criterion choosing the reported epoch (and best.pt) — one of the label-free
+    `VALIDATORS` (`udat_kernels.udat.training.validators`) or oracle (target test accuracy).
     checkpoint_every: also write last.pt every N steps (0: at the end of each epoch only).
+    keep: the weights a finished run keeps — best.pt (the selected epoch), last.pt (the final
+    training state) or both.
+    deterministic: deterministic algorithms only (exact resume on CUDA; no effect on the CPU,
+    where runs are deterministic anyway).
     """
 
     method: str = "udat_as_margin"
     seed: int = 0
-    lambda_max: float = 1.0
+    lambda_max: float = 0.1
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 0.001
-    momentum: float = 0.0
+    lr: float = 0.03
+    momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "ganin"
     amp: str = "off"
     device: str = "cpu"
-    select: str = "source_val"
+    select: str = DEFAULT_VALIDATOR
     checkpoint_every: int = 0
+    keep: str = "best"
+    deterministic: bool = False
 
     def __post_init__(self):
         _check(self, [
@@ -213,6 +256,8 @@ class TrainConfig:
             ("select", self.select in SELECTIONS, f"one of {', '.join(SELECTIONS)}"),
             ("checkpoint_every", _is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
              "an integer >= 0"),
+            ("keep", self.keep in KEEP, f"one of {', '.join(KEEP)}"),
+            ("deterministic", isinstance(self.deterministic, bool), "true or false"),
         ])
 
     @property
@@ -255,8 +300,9 @@ class ExperimentConfig:
     methods (λ = 0 for the others), for every seed, with the shared data, model and training
     settings (`train`'s method, seed and lambda_max are replaced per run).
 
-    out: the folder receiving results.json/.md/.csv and the figures; tsne_points: test images
-    per domain in the t-SNE figure.
+    out: the folder receiving results.json/.md/.csv and the figures; runs: the folder holding
+    one folder per run (default OUT/runs; experiments may share one, since a run's folder is
+    named by its key); tsne_points: test images per domain in the t-SNE figure.
     """
 
     out: str
@@ -265,12 +311,17 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: tuple[str, ...] = tuple(METHODS)
     seeds: tuple[int, ...] = (0, 1, 2)
-    lambdas: tuple[float, ...] = (1.0,)
+    lambdas: tuple[float, ...] = (0.1,)
     tsne_points: int = 500
+    runs: str | None = None
+    recipe: str = "compact"
+    overrides: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check(self, [
             ("out", isinstance(self.out, str) and self.out != "", "a folder name"),
+            ("runs", self.runs is None or (isinstance(self.runs, str) and self.runs != ""),
+             "a folder name"),
             ("methods", len(self.methods) > 0 and all(m in METHODS for m in self.methods)
              and len(set(self.methods)) == len(self.methods),
              f"distinct names from {', '.join(METHODS)}"),
@@ -281,7 +332,12 @@ class ExperimentConfig:
              and len(set(self.lambdas)) == len(self.lambdas), "distinct numbers >= 0"),
             ("tsne_points", _is_int(self.tsne_points) and self.tsne_points >= 2,
              "an integer >= 2"),
+            ("recipe", self.recipe in RECIPES, f"one of {', '.join(RECIPES)}"),
         ])
+
+    @property
+    def runs_dir(self) -> str:
+        return self.runs if self.runs is not None else f"{self.out}/runs"
 
     def lambdas_of(self, method: str) -> tuple[float, ...]:
         """The λ values `method` is trained at: the grid, or 0 without a domain classifier."""
@@ -297,7 +353,8 @@ class ExperimentConfig:
                   if k not in ("method", "seed", "lambda_max")}
         return {"out": self.out, "data": self.data.to_dict(), "model": self.model.to_dict(),
                 "train": shared, "methods": list(self.methods), "seeds": list(self.seeds),
-                "lambdas": list(self.lambdas), "tsne_points": self.tsne_points}
+                "lambdas": list(self.lambdas), "tsne_points": self.tsne_points,
+                "runs": self.runs, "recipe": self.recipe, "overrides": list(self.overrides)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ExperimentConfig":
@@ -305,4 +362,6 @@ class ExperimentConfig:
                    model=ModelConfig.from_dict(data["model"]),
                    train=TrainConfig.from_dict(data["train"]), methods=tuple(data["methods"]),
                    seeds=tuple(data["seeds"]), lambdas=tuple(data["lambdas"]),
-                   tsne_points=data["tsne_points"])
+                   tsne_points=data["tsne_points"], runs=data.get("runs"),
+                   recipe=data.get("recipe", "compact"),
+                   overrides=tuple(data.get("overrides", ())))

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from ..arguments import parse_train
+from ..arguments import check_loaded_split, parse_train
 from ..data import load_domains
 from .trainer import Trainer
 
@@ -22,14 +22,21 @@ def main(argv=None) -> int:
     if command.threads:
         torch.set_num_threads(command.threads)
     run = command.run
+    if command.progress and command.overrides:
+        print(f"recipe {command.recipe}; set on the command line instead: "
+              f"{', '.join(command.overrides)}", file=sys.stderr)
     source, target = load_domains(run.data, run.model.size)
+    labelled = "target" if run.train.spec.labelled == "target" else "source"
+    check_loaded_split("udat-train", run.data, {labelled: {"source": source,
+                                                           "target": target}[labelled]})
     trainer = Trainer(run, source, target, command.out, progress=command.progress)
     if trainer.init_report is not None:
         print(trainer.init_report.format(), file=sys.stderr)
-    result = trainer.fit(resume=command.resume)
+    result = trainer.fit(resume=command.resume, overwrite=command.overwrite)
     summary = {"method": run.train.method, "seed": run.train.seed,
                "selected_epoch": result["selected_epoch"], "selection": result["selection"],
-               "target_acc": result["target_test"]["acc"], "oracle_acc": result["oracle_acc"]}
+               "target_acc": result["target_test"]["acc"], "oracle_acc": result["oracle_acc"],
+               "key": result["key"]}
     print(json.dumps(summary))
     return 0
 
