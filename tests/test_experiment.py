@@ -83,11 +83,11 @@ def test_experiment_writes_every_result_file(experiment):
     assert results["methods"]["source_only"]["lambda"] is None
     assert len(results["differences"]) == 6
     assert set(results["selection"]["udat"]["validators"]) == {"source_val", "entropy", "dev",
-                                                               "snd"}
+                                                               "im", "snd"}
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 10 and {"acc_low", "acc_mid", "acc_high"} <= set(rows[0])
     assert len(list(csv.DictReader((out / "confusion.csv").open()))) == 5 * 2 * 9
-    assert len(list(csv.DictReader((out / "selection.csv").open()))) == 5 * 2 * 5
+    assert len(list(csv.DictReader((out / "selection.csv").open()))) == 5 * 2 * 6
     md = (out / "results.md").read_text()
     assert md.startswith("S: folder → T: folder")
     for text in ("Paired differences", "regret", "random pick", "Per-class", "Confusion"):

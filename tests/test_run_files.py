@@ -155,7 +155,7 @@ def test_best_checkpoint_is_self_describing_and_keep_removes_the_other(domains, 
     assert RunConfig.from_dict(best["config"]) == tiny(keep="best")
     assert best["classes"] == list(domains[0].classes) and best["key"] == result["key"]
     record = result["history"][0]
-    assert set(record["scores"]) == {"source_val", "entropy", "dev", "snd"}
+    assert set(record["scores"]) == {"source_val", "entropy", "dev", "im", "snd"}
     assert sum(map(sum, record["target_test"]["confusion"])) == len(domains[1].test)
 
 

@@ -13,7 +13,8 @@ from udat_kernels.udat.report import format_markdown
 from udat_kernels.udat.selection import (choose, epoch_regret, method_choices, paired_difference,
                                          regret_summary, t_interval, verdict)
 from udat_kernels.udat.training.validators import (dev_risk, importance_weights,
-                                                   selection_key, soft_neighbourhood_density)
+                                                   information_maximization, selection_key,
+                                                   soft_neighbourhood_density)
 
 
 def test_dev_risk_with_equal_weights_is_the_mean_loss():
@@ -65,11 +66,23 @@ def test_snd_prefers_clusters_and_is_maximal_for_a_collapsed_model():
     assert soft_neighbourhood_density(clusters) > soft_neighbourhood_density(noise)
 
 
+def test_im_rewards_confident_predictions_spread_over_the_classes():
+    n, c = 50, 5
+    spread = torch.full((n, c), -20.0)
+    spread[torch.arange(n), torch.arange(n) % c] = 20.0
+    collapsed = torch.full((n, c), -20.0)
+    collapsed[:, 0] = 20.0
+    unsure = torch.zeros(n, c)
+    assert information_maximization(spread) == pytest.approx(math.log(c), abs=1e-6)
+    assert information_maximization(collapsed) == pytest.approx(0.0, abs=1e-6)
+    assert information_maximization(unsure) == pytest.approx(0.0, abs=1e-9)
+
+
 def record(epoch, acc, source_val=0.5, val_loss=1.0, **scores):
     return {"epoch": epoch, "val_acc": source_val, "val_loss": val_loss,
             "target_test": {"acc": acc},
-            "scores": {"source_val": source_val, "entropy": 0.0, "dev": 0.0, "snd": 0.0,
-                       **scores}}
+            "scores": {"source_val": source_val, "entropy": 0.0, "dev": 0.0, "im": 0.0,
+                       "snd": 0.0, **scores}}
 
 
 def test_selection_keys_and_ties():

@@ -55,7 +55,7 @@ METHODS = {
 
 # The label-free validators (`udat_kernels.udat.training.validators`); `select` may also be
 # "oracle", the target test accuracy, which uses the target labels.
-VALIDATORS = ("source_val", "entropy", "dev", "snd")
+VALIDATORS = ("source_val", "entropy", "dev", "im", "snd")
 DEFAULT_VALIDATOR = "source_val"
 SELECTIONS = VALIDATORS + ("oracle",)
 AMP_MODES = ("off", "bf16", "fp16")

@@ -41,8 +41,8 @@ from .checkpoint import (CheckpointError, append_line, atomic_save, atomic_write
                          atomic_write_text, load_checkpoint)
 from .evaluate import accuracy_report, autocast_context, mean_entropy, predict
 from .streams import BatchStream, derive_seed
-from .validators import (dev_risk, evenly_spaced, importance_weights, selection_key,
-                         soft_neighbourhood_density)
+from .validators import (dev_risk, evenly_spaced, importance_weights,
+                         information_maximization, selection_key, soft_neighbourhood_density)
 
 __all__ = ["Trainer", "RunExistsError", "ResumeError", "LogError", "RUN_FILES",
            "check_run_folder", "validation_split_problem"]
@@ -305,6 +305,7 @@ class Trainer:
         entropy = mean_entropy(target_logits)
         scores = {"source_val": val["acc"], "entropy": -entropy,
                   "dev": -dev_risk(val_losses, weights),
+                  "im": information_maximization(target_logits),
                   "snd": soft_neighbourhood_density(target_logits[target_index])}
         source, target = outputs(self.source.test), outputs(self.target.test)
         return {"val_acc": val["acc"], "val_loss": float(np.mean(val_losses)),

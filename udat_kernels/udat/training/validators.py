@@ -9,6 +9,10 @@ target labels. Higher is better for every score.
   a logistic-regression domain classifier fitted on labelled source training features against
   unlabelled target features, with the control variate of the paper; the score is minus that
   estimate of the target risk.
+- `im`: information maximization — the mutual information between the unlabelled target
+  training images and their predicted classes: the entropy of the mean prediction (high when
+  the predictions spread over the classes) minus the mean prediction entropy (low when each
+  prediction is confident); confident predictions that collapse onto a few classes score low.
 - `snd`: soft neighbourhood density (Saito et al., ICCV 2021): the mean entropy of each unlabelled
   target image's softmax-similarity distribution over the other target images, computed on
   L2-normalized class probabilities with temperature 0.05.
@@ -24,7 +28,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["importance_weights", "dev_risk", "soft_neighbourhood_density", "selection_key",
+__all__ = ["importance_weights", "dev_risk", "information_maximization",
+           "soft_neighbourhood_density", "selection_key",
            "evenly_spaced", "SND_TEMPERATURE", "DEV_C"]
 
 SND_TEMPERATURE = 0.05  # the paper's τ
@@ -63,6 +68,15 @@ def dev_risk(losses: np.ndarray, weights: np.ndarray) -> float:
     cov = np.cov(weighted, weights)
     eta = -cov[0, 1] / cov[1, 1] if cov[1, 1] > 0 else 0.0
     return float(weighted.mean() + eta * weights.mean() - eta)
+
+
+def information_maximization(logits: torch.Tensor) -> float:
+    """IM of the predictions `logits` (N, C): H(mean p) − mean H(p), in nats."""
+    logp = torch.log_softmax(logits.double(), dim=1)
+    p = logp.exp()
+    mean = p.mean(0)
+    diversity = -(mean * torch.log(mean.clamp_min(1e-300))).sum()
+    return float(diversity + (p * logp).sum(1).mean())
 
 
 def soft_neighbourhood_density(logits: torch.Tensor,
