@@ -31,6 +31,15 @@ def test_dev_control_variate_removes_the_weights_noise():
     assert abs(np.mean(0.3 * weights) - 0.3) > 1e-3
 
 
+def test_a_diverged_model_gets_no_dev_estimate():
+    features = np.ones((4, 2))
+    bad = features.copy()
+    bad[0, 0] = np.nan
+    assert np.isnan(importance_weights(bad, features, features)).all()
+    assert math.isnan(dev_risk(np.array([1.0, np.inf]), np.ones(2)))
+    assert selection_key(record(1, 0.5, dev=math.nan), "dev") == (-math.inf,)
+
+
 def test_importance_weights_favour_target_like_points():
     rng = np.random.default_rng(1)
     source = rng.normal(0, 1, (400, 3))

@@ -310,7 +310,8 @@ class Trainer:
         source, target = outputs(self.source.test), outputs(self.target.test)
         return {"val_acc": val["acc"], "val_loss": float(np.mean(val_losses)),
                 "target_entropy": entropy, "scores": scores,
-                "dev_effective_n": float(weights.sum() ** 2 / (weights ** 2).sum()),
+                "dev_effective_n": float(weights.sum() ** 2 / (weights ** 2).sum())
+                if np.isfinite(weights).all() and weights.any() else None,
                 "source_test": accuracy_report(source, self.source.test.labels, n),
                 "target_test": accuracy_report(target, self.target.test.labels, n)}
 

@@ -47,14 +47,23 @@ def importance_weights(source_features: np.ndarray, target_features: np.ndarray,
     """Density ratios p_t(x) / p_s(x) at the validation features, from a logistic-regression
     domain classifier fitted on standardized source (0) and target (1) features:
     w = (n_s / n_t) · P(t | x) / P(s | x) = (n_s / n_t) · exp(logit)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     x = np.concatenate([source_features, target_features]).astype(np.float64)
+    val = val_features.astype(np.float64)
+    if not (np.isfinite(x).all() and np.isfinite(val).all()):
+        return np.full(len(val), np.nan)  # a diverged model: no estimate
     y = np.concatenate([np.zeros(len(source_features)), np.ones(len(target_features))])
     scaler = StandardScaler().fit(x)
-    classifier = LogisticRegression(C=DEV_C, max_iter=1000).fit(scaler.transform(x), y)
-    logit = classifier.decision_function(scaler.transform(val_features.astype(np.float64)))
+    with warnings.catch_warnings():
+        # separable domains (no adaptation) stop at max_iter; the fit is still usable
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        classifier = LogisticRegression(C=DEV_C, max_iter=1000).fit(scaler.transform(x), y)
+    logit = classifier.decision_function(scaler.transform(val))
     return len(source_features) / len(target_features) * np.exp(np.minimum(logit, _MAX_LOGIT))
 
 
@@ -62,6 +71,8 @@ def dev_risk(losses: np.ndarray, weights: np.ndarray) -> float:
     """DEV's estimate of the target risk: mean(w·l) + η·mean(w) − η with the control variate
     η = −Cov(w·l, w) / Var(w) (η = 0 when the weights do not vary)."""
     losses, weights = np.asarray(losses, np.float64), np.asarray(weights, np.float64)
+    if not (np.isfinite(losses).all() and np.isfinite(weights).all()):
+        return float("nan")
     weighted = weights * losses
     if len(weights) < 2:
         return float(weighted.mean())
