@@ -200,6 +200,7 @@ def test_train_cli_refuses_an_existing_run_then_resumes_or_overwrites(folders, t
 @pytest.mark.parametrize("args,message", [
     (["--device", "gpu"], "argument --device: 'gpu' is not a device name"),
     (["--device", "mps"], "argument --device: 'mps': only cpu and cuda"),
+    (["--device", "cuda"], "argument --device: 'cuda': no CUDA device is available here"),
     (["--amp", "fp16"], "argument --amp: fp16 needs a CUDA device"),
     (["--init", "missing.pth"], "argument --init: .*missing.pth: no such file"),
     (["--init", "GARBAGE"], "argument --init: .*garbage.pth: cannot read it as a PyTorch "

@@ -339,9 +339,9 @@ class Trainer:
         lam = f" λ {r['lambda']:.3f}" if self.adversarial else ""
         loss_d = f" loss_d {r['loss_d']:.3f}" if self.adversarial else ""
         return (f"{self.label} epoch {r['epoch']}/{self.config.epochs}: loss_y {r['loss_y']:.3f}"
-                f"{loss_d}{lam} | source val {100 * r['val_acc']:.1f}% | target acc "
-                f"{100 * r['target_test']['acc']:.1f}% entropy {r['target_entropy']:.3f} | "
-                f"{r['seconds']:.1f} s")
+                f"{loss_d}{lam} | {self.config.spec.labelled} val {100 * r['val_acc']:.1f}% | "
+                f"target acc {100 * r['target_test']['acc']:.1f}% entropy "
+                f"{r['target_entropy']:.3f} | {r['seconds']:.1f} s")
 
     def fit(self, resume: bool = False, overwrite: bool = False) -> dict:
         """Train to the last epoch and return the result.
