@@ -110,6 +110,7 @@ def test_runs_are_keyed_and_reused_only_with_the_same_result_fields(experiment, 
     assert experiment_main([*argv, "--quiet"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert all(r["reused"] for r in again["runs"])
+    assert (results["trained"], again["trained"]) == (10, 0)
     assert again["methods"] == results["methods"]
     # threads and checkpoint frequency do not change a result: still reused
     assert experiment_main([*argv, "--quiet", "--threads", "1", "--checkpoint-every", "5"]) == 0

@@ -154,9 +154,11 @@ def results_for_report():
                 "lambda": None, "selected_epoch": [1, 1], "oracle_acc": accs,
                 "oracle_lambda": None, "oracle_epoch": [1, 1], "below_twice_chance": flag}
 
+    rows = {"target": row([0.99, 0.98], False), "source_only": row([0.5, 0.6], True)}
+    rows["target"].update(lo=0.95, hi=1.02)  # a t-interval may pass 100 %: cut in the table
     return {"source": "a", "target": "b", "seeds": [0, 1], "classes": ["x", "y"], "chance": 0.5,
             "validator": "dev", "config": {"lambdas": [0.1]},
-            "methods": {"target": row([0.99, 0.98], False), "source_only": row([0.5, 0.6], True)}}
+            "methods": rows}
 
 
 def test_rows_below_twice_chance_are_flagged():
@@ -165,6 +167,7 @@ def test_rows_below_twice_chance_are_flagged():
     assert "⚠" not in next(line for line in lines if "| 1 | Target" in line)
     assert "⚠" in next(line for line in lines if "| 2 | Source only" in line)
     assert "below twice chance (100 %)" in md
+    assert "| [95.0, 100.0] |" in md
 
 
 def test_a_validator_is_declared_and_is_the_default():

@@ -288,6 +288,7 @@ def run_experiment(experiment: ExperimentConfig, progress: bool = True, log=None
             tsne[method] = _tsne_features(experiment, source, target, folder)
     if tsne:
         plot_tsne(tsne, out / "tsne.png")
+    results["trained"] = trained  # runs trained by this invocation (the others were reused)
     results["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_json(results, out / "results.json")
     atomic_write_text(format_markdown(results), out / "results.md")

@@ -35,10 +35,14 @@ def _pct(values) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-def _interval(stats: dict, scale: float = 100.0) -> str:
+def _interval(stats: dict, scale: float = 100.0, clip: bool = False) -> str:
+    """'[lo, hi]'; clip: an accuracy's interval, cut to the possible 0–100 %."""
     if stats.get("lo") is None:
         return "–"
-    return f"[{scale * stats['lo']:.1f}, {scale * stats['hi']:.1f}]"
+    lo, hi = scale * stats["lo"], scale * stats["hi"]
+    if clip:
+        lo, hi = max(lo, 0.0), min(hi, scale)
+    return f"[{lo:.1f}, {hi:.1f}]"
 
 
 def _points(stats: dict) -> str:
@@ -71,7 +75,7 @@ def _main_table(results: dict) -> list[str]:
     for i, (name, row) in enumerate(results["methods"].items(), start=1):
         flag = f" {FLAG}" if row.get("below_twice_chance") else ""
         lines.append(f"| {i} | {METHOD_TITLES.get(name, name)}{flag} | {_pct(row['target_acc'])} "
-                     f"| {_interval(row)} | {_pct(row['balanced_acc'])} | "
+                     f"| {_interval(row, clip=True)} | {_pct(row['balanced_acc'])} | "
                      f"{_pct(row['oracle_acc'])} | {_lambdas(row['lambda'])} |")
     return lines
 
@@ -185,7 +189,7 @@ def format_markdown(results: dict) -> str:
     chance = results.get("chance")
     lines = [f"S: {results['source']} → T: {results['target']}, seeds {results['seeds']}, "
              f"accuracy on the target test set (%), mean ± std over seeds with the 95 % interval "
-             f"of the mean; each seed's model (epoch and λ) chosen by {results['validator']}, "
+             f"of the mean (cut to 0–100 %); each seed's model (epoch and λ) chosen by {results['validator']}, "
              f"the oracle column by the target test accuracy.", ""]
     lines += _main_table(results)
     if chance is not None and any(r.get("below_twice_chance")
