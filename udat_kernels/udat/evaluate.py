@@ -10,7 +10,6 @@ order, so a FER2013 model scores on RAF-DB and the other way round).
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
