@@ -87,28 +87,39 @@ UDAT_HD T margin_dpsi(T c, const MarginParams<T>& p) {
   return T(1);
 }
 
-// Online log-sum-exp: (running max m, running sum of exp(z - m)) merged with one value.
+// Online log-sum-exp: a partial is (m, sum) with m the largest value seen and sum = Σ exp(z - m).
+// The empty partial is (-inf, 0). Non-finite values follow torch.logsumexp (docs/math.md,
+// "Non-finite inputs"): a NaN anywhere makes the sum NaN for good; values equal to the maximum
+// count exp(0) = 1 even when the maximum is infinite (never inf - inf); so a row with +inf
+// finishes at +inf and a row of -inf at -inf.
 template <typename T>
 UDAT_HD void lse_push(T& m, T& sum, T z) {
   if (z > m) {
-    sum = sum * std::exp(m - z) + T(1);
+    sum = sum * std::exp(m - z) + T(1);  // m = -inf: exp(-inf) = 0, whatever z is
     m = z;
+  } else if (z == m) {
+    sum += T(1);
   } else {
-    sum += std::exp(z - m);
+    sum += std::exp(z - m);  // z < m, or z NaN (then the sum becomes NaN)
   }
 }
 
-// Merge two partial (max, sum) pairs, as tiles or threads finish.
+// Merge two partial (max, sum) pairs, as tiles or threads finish. A NaN sum on either side
+// survives whichever side holds the larger max.
 template <typename T>
 UDAT_HD void lse_merge(T& m, T& sum, T m2, T sum2) {
   if (m2 > m) {
     sum = sum * std::exp(m - m2) + sum2;
     m = m2;
-  } else if (sum2 > T(0)) {
-    sum += sum2 * std::exp(m2 - m);
+  } else if (m2 == m) {
+    sum += sum2;  // equal maxima, infinite ones included
+  } else {
+    sum += sum2 * std::exp(m2 - m);  // an empty partial adds 0 · 0; a NaN sum stays NaN
   }
 }
 
+// lse = m + log(sum): +inf for a row holding +inf, -inf for a row of -inf (sum >= 1 there), NaN
+// for a NaN sum.
 template <typename T>
 UDAT_HD T lse_finish(T m, T sum) {
   return m + std::log(sum);

@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kEpilogueThreads)
       if (rc.b != A(0)) wz += class_w(r, j) * z;
     }
     block_lse(m, s, scratch_m, scratch_s);
-    lse = isinf(m) ? m : lse_finish(m, s);
+    lse = lse_finish(m, s);
     if (rc.b != A(0)) wz = block_sum(wz, scratch_m);
     if (threadIdx.x == 0) {
       A loss = A(0);
