@@ -26,6 +26,8 @@ from udat_kernels.udat.runkey import fingerprints
 from udat_kernels.udat.training import cli as train_cli
 from udat_kernels.udat.training.cli import main as train_main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
+
 TINY = ["--width", "0.0625", "--epochs", "2", "--lr", "0.01", "--tsne-points", "20"]
 METHOD_NAMES = ["target", "source_only", "udat", "udat_as", "udat_as_margin"]
 

@@ -10,6 +10,8 @@ from udat_kernels.udat.data import Domain, load_digits
 from udat_kernels.udat.training import ResumeError, RunExistsError, Trainer
 from udat_kernels.udat.training.streams import BatchStream
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def domains():
