@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
+from udat_kernels.udat.config import ModelConfig, RunConfig, TrainConfig
 from udat_kernels.udat.data import Domain, load_digits
-from udat_kernels.udat.training import TrainConfig, Trainer
-from udat_kernels.udat.training.checkpoint import atomic_save
+from udat_kernels.udat.training import ResumeError, RunExistsError, Trainer
 from udat_kernels.udat.training.streams import BatchStream
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +25,8 @@ def domains():
 
 
 def tiny(method, **kwargs):
-    base = dict(method=method, width=1 / 16, epochs=2, lr=0.01, momentum=0.9, seed=3)
-    return TrainConfig(**{**base, **kwargs})
+    base = dict(method=method, epochs=2, lr=0.01, momentum=0.9, seed=3)
+    return RunConfig(model=ModelConfig(width=1 / 16), train=TrainConfig(**{**base, **kwargs}))
 
 
 def theta(model, part):
@@ -150,8 +152,39 @@ def test_resume_refuses_other_settings(domains, tmp_path):
     source, target = domains
     Trainer(tiny("udat", epochs=1), source, target, tmp_path, progress=False).fit()
     other = Trainer(tiny("udat", epochs=1, lr=0.02), source, target, tmp_path, progress=False)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ResumeError, match=f"cannot resume {tmp_path}.*train.lr: 0.01 -> 0.02"):
         other.fit(resume=True)
+
+
+def test_resume_accepts_settings_that_do_not_change_the_result(domains, uninterrupted,
+                                                               tmp_path):
+    """Killed mid-epoch, then resumed with another checkpoint frequency, another spelling of
+    the device and another validator for best.pt: same history as the uninterrupted run."""
+    source, target = domains
+    killed = Trainer(tiny("udat_as_margin", checkpoint_every=2), source, target, tmp_path,
+                     progress=False, on_step=kill_at(4))
+    with pytest.raises(Killed):
+        killed.fit()
+    harmless = tiny("udat_as_margin", checkpoint_every=0, device="cpu:0", select="entropy",
+                    keep="last")
+    result = Trainer(harmless, source, target, tmp_path, progress=False).fit(resume=True)
+    assert _strip_time(result["history"]) == _strip_time(uninterrupted[1]["history"])
+    assert (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()  # keep=last
+
+
+def test_a_run_folder_is_never_overwritten_unasked(domains, tmp_path):
+    source, target = domains
+    config = tiny("source_only", epochs=1)
+    first = Trainer(config, source, target, tmp_path, progress=False).fit()
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    with pytest.raises(RunExistsError, match="--resume .* --overwrite"):
+        Trainer(config, source, target, tmp_path, progress=False).fit()
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    again = Trainer(config, source, target, tmp_path, progress=False).fit(resume=True)
+    assert again == first  # finished: reused, not retrained
+    other = tiny("source_only", epochs=1, lr=0.05)
+    result = Trainer(other, source, target, tmp_path, progress=False).fit(overwrite=True)
+    assert result["config"]["train"]["lr"] == 0.05
 
 
 def test_batch_stream_state_round_trip():
@@ -163,17 +196,3 @@ def test_batch_stream_state_round_trip():
     c = BatchStream(10, 4, seed=1, stream_id=0)
     c.load_state_dict(b.state_dict())
     assert torch.equal(c.next(), batches[1]) and torch.equal(c.next(), batches[2])
-
-
-def test_atomic_save_leaves_old_file_on_failure(tmp_path):
-    path = tmp_path / "ckpt.pt"
-    atomic_save({"a": 1}, path)
-
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        atomic_save({"a": Unpicklable()}, path)
-    assert torch.load(path) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]

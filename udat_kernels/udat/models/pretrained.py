@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LoadReport", "load_pretrained"]
+__all__ = ["LoadReport", "load_pretrained", "check_pretrained"]
 
 _TORCHVISION = re.compile(r"^(features)\.(\d+)\.(\w+)$")
 _TORCHVISION_FC = {"classifier.0": "fc1", "classifier.3": "fc2"}
@@ -41,14 +41,36 @@ class LoadReport:
         return "\n".join(lines)
 
 
+_REMEDY = ("pass VGG16 weights saved with torch.save: torchvision's vgg16 / vgg16_bn layout "
+           "(features.N.*, classifier.N.*) or VGG-Face's conv1_1 … fc8 names")
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """The tensors of a state dict file (weights_only: no code runs while reading it)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; {_REMEDY}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"{path}: cannot read it as a PyTorch state dict "
+                         f"({type(error).__name__}{': ' + cause if cause else ''}); "
+                         f"{_REMEDY}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict")
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict; {_REMEDY}")
     return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+
+
+def check_pretrained(path) -> None:
+    """Raise ValueError (naming the file, the cause and the remedy) unless `path` is a state
+    dict with VGG16 conv layers in a layout `load_pretrained` reads."""
+    path = Path(path)
+    convs, _, _, _ = _source_layers(_read_state_dict(path))
+    if not convs:
+        raise ValueError(f"{path}: no VGG16 conv layers found; {_REMEDY}")
 
 
 def _source_layers(state: dict[str, torch.Tensor]):
@@ -120,8 +142,7 @@ def load_pretrained(model: nn.Module, path) -> LoadReport:
     our_convs = [(n, m) for n, m in ours if isinstance(m, nn.Conv2d)]
     our_bns = [(n, m) for n, m in ours if isinstance(m, nn.BatchNorm2d)]
     if not convs:
-        raise ValueError(f"{path}: no VGG16 conv layers found (expected torchvision's "
-                         f"features.N.* or VGG-Face's convX_Y.* keys)")
+        raise ValueError(f"{path}: no VGG16 conv layers found; {_REMEDY}")
     for source, (name, module) in zip(convs, our_convs):
         _copy_layer(source, module, name, report)
     for source in convs[len(our_convs):]:

@@ -1,8 +1,9 @@
-"""Training: run configuration, the UDAT / UDAT-AS trainer, evaluation and checkpoints."""
+"""Training: the UDAT / UDAT-AS trainer, label-free validators, evaluation and checkpoints (the
+run's configuration is `udat_kernels.udat.config.RunConfig`)."""
 
-from .config import AMP_MODES, METHODS, SCHEDULES, SELECTIONS, Method, TrainConfig
 from .evaluate import accuracy_report, mean_entropy, predict
-from .trainer import Trainer, select_score
+from .trainer import ResumeError, RunExistsError, Trainer
+from .validators import selection_key
 
-__all__ = ["TrainConfig", "Method", "METHODS", "SELECTIONS", "AMP_MODES", "SCHEDULES",
-           "Trainer", "select_score", "predict", "accuracy_report", "mean_entropy"]
+__all__ = ["Trainer", "RunExistsError", "ResumeError", "selection_key", "predict",
+           "accuracy_report", "mean_entropy"]

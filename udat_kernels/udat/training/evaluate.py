@@ -41,12 +41,14 @@ def predict(model, images: ImageSet, device: torch.device, amp: str = "off",
         if features:
             feats.append(f.float().cpu())
     out = torch.cat(logits) if logits else torch.zeros(0, model.num_classes)
-    return (out, torch.cat(feats)) if features else out
+    if not features:
+        return out
+    return out, torch.cat(feats) if feats else torch.zeros(0, model.fc2.out_features)
 
 
 def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """{"acc", "balanced_acc", "per_class"} as fractions; a class without images gets None and
-    is left out of the balanced accuracy."""
+    """{"acc", "balanced_acc", "per_class", "confusion"}: fractions, a class without images
+    gets None and is left out of the balanced accuracy; confusion[true][predicted] counts."""
     pred = logits.argmax(1)
     correct = (pred == labels).double()
     per_class = []
@@ -54,9 +56,13 @@ def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
         mask = labels == c
         per_class.append(float(correct[mask].mean()) if mask.any() else None)
     present = [a for a in per_class if a is not None]
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long)
+    confusion.index_add_(0, labels.long() * num_classes + pred.long(),
+                         torch.ones_like(labels, dtype=torch.long))
     return {"acc": float(correct.mean()) if len(labels) else math.nan,
             "balanced_acc": sum(present) / len(present) if present else math.nan,
-            "per_class": per_class}
+            "per_class": per_class,
+            "confusion": confusion.view(num_classes, num_classes).tolist()}
 
 
 def mean_entropy(logits: torch.Tensor) -> float:

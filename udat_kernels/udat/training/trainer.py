@@ -7,41 +7,85 @@ pass give θ_f the gradient of L_y − λ·L_r, θ_y that of L_y and θ_r that o
 
 Determinism: every random draw of step k (batch order, crops, flips, dropout) comes from seeds
 derived from (seed, k), and the batch streams' positions are saved, so a run resumed from any
-checkpoint reaches the same weights and metrics as an uninterrupted one (same device and threads).
+checkpoint reaches the same weights and metrics as an uninterrupted one (same device and threads;
+on CUDA with `deterministic`).
+
+Run folder: last.pt (resumable state, rewritten atomically at the end of each epoch and every
+`checkpoint_every` steps), best.pt (the weights of the epoch the run's validator chose),
+log.jsonl (one JSON record per line), result.json (the summary, written at the end). A folder
+that holds a run is never overwritten unless asked (`overwrite`); `resume` continues it only
+when its result-changing fields (`udat_kernels.udat.runkey`) are those of the command.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from udat_kernels import __version__
+from udat_kernels.schedules import ConstantLambda, GaninLambda, WarmStartLambda
+
+from ..config import RunConfig, TrainConfig
 from ..data import Domain, ImageSet, to_input
 from ..data.imageset import stratified_split
-from ..models import build_model, load_pretrained
-from udat_kernels.schedules import ConstantLambda, GaninLambda, WarmStartLambda
-from .checkpoint import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint
-from .config import TrainConfig
+from ..models import UDATVGG, load_pretrained
+from ..runkey import differences, result_fields, run_key
+from .checkpoint import (CheckpointError, append_line, atomic_save, atomic_write_json,
+                         atomic_write_text, load_checkpoint)
 from .evaluate import accuracy_report, autocast_context, mean_entropy, predict
 from .streams import BatchStream, derive_seed
+from .validators import (dev_risk, evenly_spaced, importance_weights,
+                         information_maximization, selection_key, soft_neighbourhood_density)
 
-__all__ = ["Trainer", "select_score"]
+__all__ = ["Trainer", "RunExistsError", "ResumeError", "LogError", "RUN_FILES",
+           "check_run_folder", "validation_split_problem"]
 
 VAL_SPLIT_SEED = 0  # the held-out validation images never depend on the training seed
 LOG_EVERY = 20
+VALIDATOR_SAMPLE = 2000  # images per domain that the DEV and SND validators look at
+RUN_FILES = ("last.pt", "best.pt", "result.json", "log.jsonl")
 
 
-def select_score(record: dict, select: str) -> float:
-    """The epoch-selection score of an epoch record: higher is better."""
-    if select == "source_val":
-        return record["val_acc"]
-    if select == "entropy":
-        return -record["target_entropy"]
-    return record["target_test"]["acc"]
+class RunExistsError(RuntimeError):
+    """The run folder already holds a run, and neither resume nor overwrite was asked for."""
+
+
+class ResumeError(RuntimeError):
+    """A run cannot be resumed with the command's settings."""
+
+
+class LogError(RuntimeError):
+    """log.jsonl is damaged before its last line."""
+
+
+def check_run_folder(out_dir, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a run over a folder that holds one, unless resuming or overwriting."""
+    out_dir = Path(out_dir)
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing and not (resume or overwrite):
+        raise RunExistsError(f"{out_dir} already holds a run ({', '.join(existing)}): pass "
+                             f"--resume to continue it (a finished run is then reused), or "
+                             f"--overwrite to delete it and train again")
+
+
+def validation_split_problem(n: int, num_classes: int, fraction: float, name: str) -> str | None:
+    """Why a stratified validation split of `fraction` of n images cannot hold every class in
+    both parts (None when it can)."""
+    n_val = math.ceil(fraction * n)
+    if n_val >= num_classes and n - n_val >= num_classes:
+        return None
+    need = num_classes / n
+    return (f"{fraction:g} of the {n} labelled training images of {name} is {n_val} "
+            f"validation images (and {n - n_val} for training); each part needs at least one "
+            f"image of each of its {num_classes} classes: use a value in "
+            f"[{need:.3g}, {1 - need:.3g}]")
 
 
 def _make_schedule(config: TrainConfig):
@@ -53,29 +97,41 @@ def _make_schedule(config: TrainConfig):
 
 
 class Trainer:
-    """Trains `config.method` on (source, target) into `out_dir`.
+    """Trains `run.train.method` on (source, target) into `out_dir`.
 
-    Files: last.pt (resumable state, rewritten atomically each epoch and every
-    `checkpoint_every` steps), best.pt (model weights of the best epoch under `config.select`),
-    log.jsonl (one JSON record per line), result.json (the run's summary, written at the end).
+    progress: tqdm bars and one console line per epoch. prints: the data fingerprints
+    (`udat_kernels.udat.runkey.fingerprints`) when the caller has them already.
     `on_step(trainer)` is called after every optimiser step (tests use it to interrupt a run).
     """
 
-    def __init__(self, config: TrainConfig, source: Domain, target: Domain, out_dir, *,
-                 progress: bool = True, on_step=None):
+    def __init__(self, run: RunConfig, source: Domain, target: Domain, out_dir, *,
+                 progress: bool = True, on_step=None, prints: dict | None = None):
         if source.classes != target.classes:
             raise ValueError(f"source and target classes differ: {source.classes} vs "
                              f"{target.classes}")
-        self.config, self.source, self.target = config, source, target
+        self.run = run
+        self.config = config = run.train
+        self.source, self.target = source, target
         self.out_dir = Path(out_dir)
         self.progress, self.on_step = progress, on_step
+        self.key_fields = result_fields(run, prints)
+        self.key = run_key(self.key_fields)
         self.device = torch.device(config.device)
         if config.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' on the CPU")
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         spec = config.spec
         self.labelled_domain = target if spec.labelled == "target" else source
-        train_index, val_index = stratified_split(self.labelled_domain.train.labels.numpy(),
-                                                  config.val_fraction, VAL_SPLIT_SEED)
+        labels = self.labelled_domain.train.labels
+        problem = validation_split_problem(len(labels), len(labels.unique()),
+                                           run.data.val_fraction, self.labelled_domain.name)
+        if problem:
+            raise ValueError(f"val_fraction: {problem}")
+        train_index, val_index = stratified_split(labels.numpy(), run.data.val_fraction,
+                                                  VAL_SPLIT_SEED)
         self.labelled = self.labelled_domain.train.subset(train_index)
         self.val = self.labelled_domain.train.subset(val_index)
         self.model = self._build_model()
@@ -94,43 +150,61 @@ class Trainer:
                               if self.adversarial else None)
         self.step, self.epoch = 0, 0
         self.history: list[dict] = []
-        self.best: dict = {"epoch": None, "score": None}
+        self.best: dict = {"epoch": None, "key": None}
         self._sums = {"loss_y": 0.0, "loss_d": 0.0, "steps": 0}
 
     def _build_model(self):
-        config, spec = self.config, self.config.spec
+        config, spec, arch = self.config, self.config.spec, self.run.model
         torch.manual_seed(derive_seed(config.seed, 0))  # the initial weights
-        model = build_model(len(self.source.classes), config.model, domain_head=spec.domain_head,
-                            width=config.width, input_size=config.input_size,
-                            batch_norm=config.batch_norm, domain_scale=config.scale,
-                            domain_margin=spec.margin, lambda_=_make_schedule(config))
+        model = UDATVGG(len(self.source.classes), arch.architecture(),
+                        domain_head=spec.domain_head, domain_scale=arch.scale,
+                        domain_margin=spec.margin, lambda_=_make_schedule(config))
         size = model.config.input_size
         for domain in (self.source, self.target):
             if domain.train.images.shape[-1] != size:
                 raise ValueError(f"{domain.name} images are {domain.train.images.shape[-1]}px, "
                                  f"the model takes {size}px: load the domain with size={size}")
-        self.init_report = load_pretrained(model, config.init) if config.init else None
+        self.init_report = load_pretrained(model, arch.init) if arch.init else None
         model.to(self.device)
         if self.device.type == "cuda":
             model.to(memory_format=torch.channels_last)
         return model
 
+    @property
+    def label(self) -> str:
+        lam = f" λ {self.config.lambda_max:g}" if self.adversarial else ""
+        return f"{self.config.method}{lam} seed {self.config.seed}"
+
     # --- state --------------------------------------------------------------------------------
 
+    def _identity(self) -> dict:
+        """What every checkpoint carries to be read on its own (udat-evaluate, t-SNE)."""
+        return {"config": self.run.to_dict(), "key": self.key, "key_fields": self.key_fields,
+                "classes": list(self.source.classes), "version": __version__}
+
     def state_dict(self) -> dict:
-        return {"config": self.config.to_dict(), "step": self.step, "epoch": self.epoch,
+        return {**self._identity(), "kind": "last", "step": self.step, "epoch": self.epoch,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "labelled_stream": self.labelled_stream.state_dict(),
                 "target_stream": self.target_stream.state_dict() if self.target_stream else None,
                 "history": self.history, "best": self.best, "sums": dict(self._sums)}
 
+    def _check_same_run(self, fields: dict, what: str) -> None:
+        changed = differences(fields, self.key_fields)
+        if changed:
+            raise ResumeError(
+                f"cannot resume {self.out_dir}: {what} was made with other settings that change "
+                f"the result ({'; '.join(changed)}). Give the run's settings again, or train "
+                f"into another folder, or pass --overwrite to delete the run and train again")
+
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != self.config.to_dict():
-            changed = sorted(k for k, v in state["config"].items()
-                             if self.config.to_dict().get(k) != v)
-            raise ValueError(f"cannot resume: the checkpoint was written with other settings "
-                             f"({', '.join(changed)})")
+        missing = {"key_fields", "model", "optimizer", "step", "history"} - set(state)
+        if missing:
+            raise CheckpointError(f"{self.out_dir / 'last.pt'} is not a resumable checkpoint of "
+                                  f"this version (it lacks {', '.join(sorted(missing))}); pass "
+                                  f"--overwrite to train the run again")
+        self._check_same_run(state["key_fields"], "last.pt")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -144,21 +218,36 @@ class Trainer:
         atomic_save(self.state_dict(), self.out_dir / "last.pt")
 
     def _log(self, record: dict) -> None:
-        with open(self.out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(json.dumps(record), self.out_dir / "log.jsonl")
 
     def _truncate_log(self) -> None:
-        """Drop log records written after the checkpoint we resume from."""
+        """Drop log records written after the checkpoint we resume from, and a last line torn
+        by a crash; a damaged line before the last one is an error."""
         path = self.out_dir / "log.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            atomic_write_text("".join(line + "\n" for line in kept), path)
+        if not path.exists():
+            return
+        lines = path.read_text(errors="replace").split("\n")
+        numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
+        kept = []
+        for n, (line_no, line) in enumerate(numbered):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                if n == len(numbered) - 1:
+                    continue  # torn by the crash we resume from
+                raise LogError(f"{path}, line {line_no}: not a JSON record ({error.msg}); the log "
+                               f"is damaged before its last line. Delete that line (or the log, "
+                               f"which resuming does not need) and resume again") from None
+            if record.get("step", 0) <= self.step:
+                kept.append(line)
+        atomic_write_text("".join(line + "\n" for line in kept), path)
 
     # --- training -----------------------------------------------------------------------------
 
     def _batch(self, images: ImageSet, index: torch.Tensor, flip: bool, generator):
-        x = to_input(images.images[index], self.device, generator=generator, flip=flip)
+        augment = self.run.data.augment != "none"
+        x = to_input(images.images[index], self.device,
+                     generator=generator if augment else None, flip=flip)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -194,14 +283,35 @@ class Trainer:
                 "lambda": lam}
 
     def evaluate(self) -> dict:
-        """Metrics of the current weights (no randomness; leaves the model in eval mode)."""
-        config, n = self.config, len(self.source.classes)
-        val = predict(self.model, self.val, self.device, config.amp)
-        unlabelled = predict(self.model, self.target.train, self.device, config.amp)
-        source = predict(self.model, self.source.test, self.device, config.amp)
-        target = predict(self.model, self.target.test, self.device, config.amp)
-        return {"val_acc": accuracy_report(val, self.val.labels, n)["acc"],
-                "target_entropy": mean_entropy(unlabelled),
+        """Metrics and validator scores of the current weights (no randomness; leaves the model
+        in eval mode). Only the `target_test` entry uses target labels."""
+        n = len(self.source.classes)
+
+        def outputs(images: ImageSet, features: bool = False):
+            return predict(self.model, images, self.device, self.config.amp, features=features)
+
+        val_logits, val_features = outputs(self.val, features=True)
+        unlabelled = self.target.train
+        target_logits, target_features = outputs(unlabelled, features=True)
+        source_index = evenly_spaced(len(self.labelled), VALIDATOR_SAMPLE)
+        _, source_features = outputs(self.labelled.subset(source_index), features=True)
+        target_index = evenly_spaced(len(unlabelled), VALIDATOR_SAMPLE)
+        val_losses = torch.nn.functional.cross_entropy(val_logits.double(), self.val.labels,
+                                                       reduction="none").numpy()
+        weights = importance_weights(source_features.numpy(),
+                                     target_features[target_index].numpy(),
+                                     val_features.numpy())
+        val = accuracy_report(val_logits, self.val.labels, n)
+        entropy = mean_entropy(target_logits)
+        scores = {"source_val": val["acc"], "entropy": -entropy,
+                  "dev": -dev_risk(val_losses, weights),
+                  "im": information_maximization(target_logits),
+                  "snd": soft_neighbourhood_density(target_logits[target_index])}
+        source, target = outputs(self.source.test), outputs(self.target.test)
+        return {"val_acc": val["acc"], "val_loss": float(np.mean(val_losses)),
+                "target_entropy": entropy, "scores": scores,
+                "dev_effective_n": float(weights.sum() ** 2 / (weights ** 2).sum())
+                if np.isfinite(weights).all() and weights.any() else None,
                 "source_test": accuracy_report(source, self.source.test.labels, n),
                 "target_test": accuracy_report(target, self.target.test.labels, n)}
 
@@ -214,28 +324,61 @@ class Trainer:
         self.epoch += 1
         self.history.append(record)
         self._sums = {"loss_y": 0.0, "loss_d": 0.0, "steps": 0}
-        score = select_score(record, self.config.select)
-        if self.best["score"] is None or score > self.best["score"]:
-            self.best = {"epoch": self.epoch, "score": score}
-            atomic_save(self.model.state_dict(), self.out_dir / "best.pt")
+        key = list(selection_key(record, self.config.select))
+        if self.best["key"] is None or key > self.best["key"]:
+            self.best = {"epoch": self.epoch, "key": key}
+            atomic_save({**self._identity(), "kind": "best", "epoch": self.epoch,
+                         "validator": self.config.select, "model": self.model.state_dict()},
+                        self.out_dir / "best.pt")
         self._log(record)
         self._save()
+        if self.progress:
+            tqdm.write(self._epoch_line(record))
 
-    def fit(self, resume: bool = False) -> dict:
-        """Train to the last epoch (continuing from last.pt when `resume`); returns the result."""
+    def _epoch_line(self, r: dict) -> str:
+        lam = f" λ {r['lambda']:.3f}" if self.adversarial else ""
+        loss_d = f" loss_d {r['loss_d']:.3f}" if self.adversarial else ""
+        return (f"{self.label} epoch {r['epoch']}/{self.config.epochs}: loss_y {r['loss_y']:.3f}"
+                f"{loss_d}{lam} | {self.config.spec.labelled} val {100 * r['val_acc']:.1f}% | "
+                f"target acc {100 * r['target_test']['acc']:.1f}% entropy "
+                f"{r['target_entropy']:.3f} | {r['seconds']:.1f} s")
+
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict:
+        """Train to the last epoch and return the result.
+
+        resume: continue from last.pt (or return the result of a finished run) when the run
+        folder holds a run with the same result-changing fields; overwrite: delete a run the
+        folder holds and train again. Without either, a folder holding a run is refused.
+        """
+        check_run_folder(self.out_dir, resume, overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resume and (self.out_dir / "last.pt").exists():
-            self.load_state_dict(load_checkpoint(self.out_dir / "last.pt"))
+        done = self.out_dir / "result.json"
+        if resume and done.exists() and not overwrite:
+            try:
+                result = json.loads(done.read_text())
+            except json.JSONDecodeError as error:
+                raise ResumeError(f"{done}: not a JSON file ({error.msg}); pass --overwrite to "
+                                  f"train the run again") from None
+            self._check_same_run(result.get("key_fields", {}), "result.json")
+            return result
+        if resume and (self.out_dir / "last.pt").exists() and not overwrite:
+            self.load_state_dict(load_checkpoint(
+                self.out_dir / "last.pt",
+                remedy="delete it to train the run from its beginning (or pass --overwrite)"))
             self._truncate_log()
         else:
-            for name in ("log.jsonl", "result.json", "best.pt", "last.pt"):
+            for name in RUN_FILES:
                 (self.out_dir / name).unlink(missing_ok=True)
-            self._log({"event": "start", "step": 0, "config": self.config.to_dict(),
+            self._log({"event": "start", "step": 0, "config": self.run.to_dict(),
+                       "key": self.key, "version": __version__,
                        "init": self.init_report.format() if self.init_report else None})
         while self.epoch < self.config.epochs:
             self._run_epoch()
         result = self.result()
-        atomic_write_json(result, self.out_dir / "result.json")
+        atomic_write_json(result, done)
+        keep = self.config.keep
+        if keep != "both":
+            (self.out_dir / ("last.pt" if keep == "best" else "best.pt")).unlink(missing_ok=True)
         return result
 
     def _run_epoch(self) -> None:
@@ -243,8 +386,7 @@ class Trainer:
         first = self.step - self.epoch * self.steps_per_epoch
         bar = tqdm(total=self.steps_per_epoch, initial=first, leave=False,
                    disable=not self.progress, dynamic_ncols=True,
-                   desc=f"{self.config.method} seed {self.config.seed} "
-                        f"epoch {self.epoch + 1}/{self.config.epochs}")
+                   desc=f"{self.label} epoch {self.epoch + 1}/{self.config.epochs}")
         with bar:
             for _ in range(first, self.steps_per_epoch):
                 out = self.train_step()
@@ -265,9 +407,10 @@ class Trainer:
         self._end_epoch(started)
 
     def result(self) -> dict:
-        """The run's summary: the epoch chosen by config.select and its target metrics."""
+        """The run's summary: the epoch chosen by its validator and its target metrics, with
+        every epoch's record (all validators' scores) for the experiment's selection."""
         chosen = self.history[self.best["epoch"] - 1]
-        return {"config": self.config.to_dict(), "selected_epoch": self.best["epoch"],
+        return {**self._identity(), "selected_epoch": self.best["epoch"],
                 "selection": self.config.select, "target_test": chosen["target_test"],
                 "source_test": chosen["source_test"],
                 "oracle_acc": max(r["target_test"]["acc"] for r in self.history),
