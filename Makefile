@@ -44,10 +44,14 @@ test: setup pytest ctest
 pytest: setup
 	$(PY) -m pytest tests -q -ra
 
+# The C++ tests; the CMake build compiles the CUDA sources too where nvcc and a CUDA torch are
+# present (one arch in CI: UDAT_CUDA_ARCHS).
 ctest: setup
-	cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) > /dev/null
+	cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DUDAT_WITH_CUDA=$$($(PY) -c "import shutil, torch; print('ON' if shutil.which('nvcc') and torch.version.cuda else 'OFF')") \
+	  -DUDAT_CUDA_ARCHS="$(UDAT_CUDA_ARCHS)" > /dev/null
 	cmake --build build-cmake -j $(MAX_JOBS)
-	ctest --test-dir build-cmake --output-on-failure
+	ctest --test-dir build-cmake --output-on-failure -j $(MAX_JOBS)
 
 bench: setup
 	$(PY) benchmarks/report.py

@@ -43,7 +43,13 @@ unset TRITON_INTERPRET
 
 DOCS=docs/gpu
 mkdir -p "$DOCS"
-rm -rf "$DOCS/paper" "$DOCS/large" "$DOCS/triton" "$DOCS/cuda" "$DOCS/end_to_end.md"
+# The files of an earlier run are replaced as the stages write them; of what is left over, only
+# files git does not track are removed (never a committed result; outside a git checkout,
+# nothing is removed).
+if git rev-parse --is-inside-work-tree > /dev/null 2>&1; then
+    git clean -fdq -- "$DOCS/paper" "$DOCS/large" "$DOCS/triton" "$DOCS/cuda" \
+        "$DOCS/end_to_end.md" 2> /dev/null || true
+fi
 LOG=$DOCS/gpu_check.log
 : > "$LOG"
 STATUS_FILE=$(mktemp)
