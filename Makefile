@@ -41,11 +41,13 @@ demo: setup
 
 test: setup pytest ctest
 
+# tests/cuda_emu needs the emulation libraries of the CMake build: ctest runs it.
 pytest: setup
-	$(PY) -m pytest tests -q -ra
+	$(PY) -m pytest tests -q -ra --ignore=tests/cuda_emu
 
-# The C++ tests; the CMake build compiles the CUDA sources too where nvcc and a CUDA torch are
-# present (one arch in CI: UDAT_CUDA_ARCHS).
+# The C++ tests, and the CUDA sources two ways: compiled by nvcc (the CMake CUDA target, where
+# nvcc and a CUDA torch are present) and run on the CPU under the checking emulator
+# (tests/cuda_emu: its tests, an AddressSanitizer build and the mutant builds).
 ctest: setup
 	cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) \
 	  -DUDAT_WITH_CUDA=$$($(PY) -c "import shutil, torch; print('ON' if shutil.which('nvcc') and torch.version.cuda else 'OFF')") \

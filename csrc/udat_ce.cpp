@@ -98,6 +98,9 @@ at::ScalarType loss_dtype(const at::Tensor& x, const at::Tensor& weight) {
 
 }  // namespace udat
 
+// The emulation build of the CUDA sources (tests/cuda_emu) links this file for its argument
+// checks only: it is loaded beside udat_kernels._C, which defines the schema.
+#if !defined(UDAT_CUDA_EMULATION)
 TORCH_LIBRARY(udat_kernels, m) {
   m.def(
       "margin_ce_fwd(Tensor x, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
@@ -118,3 +121,4 @@ TORCH_LIBRARY(udat_kernels, m) {
       "float cos_margin, float label_smoothing, int ignore_index, int reduction, "
       "bool straight_through, bool grad_in_forward, str impl) -> Tensor loss");
 }
+#endif  // !UDAT_CUDA_EMULATION

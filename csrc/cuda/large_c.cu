@@ -1,12 +1,12 @@
 // Large C: row blocks whose logits fit a memory budget, cuBLAS GEMMs through ATen on the current
 // stream, and the fused epilogue kernels of large_c_kernels.cuh. Never a B×C tensor.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdlib>
 
+#include "gemm.h"
+#include "host_api.h"
 #include "large_c_kernels.cuh"
 #include "margin_ce_cuda.h"
 
@@ -26,20 +26,12 @@ unsigned grid_for(int64_t n, int threads, int64_t cap = int64_t(1) << 30) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, cap)));
 }
 
-// out (acc dtype) = a @ b; fp32 output from 16-bit inputs without a rounding step in between.
-void gemm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == out.scalar_type()) {
-    at::mm_out(out, a, b);
-  } else {
-    at::mm_out(out, a, b, out.scalar_type());
-  }
-}
 
 template <typename A, typename G>
 void run(const Problem& P, Pass& pass) {
   const CeOptions& opt = P.opt;
   const int64_t B = P.B, C = P.C, D = P.D;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const auto acc_opts = P.x.options().dtype(P.acc);
   const at::ScalarType gemm_t = c10::CppTypeToScalarType<G>::value;
   const bool mean = opt.reduction == Reduction::Mean;
@@ -52,13 +44,14 @@ void run(const Problem& P, Pass& pass) {
     w_ss = at::empty({C}, acc_opts);
     w_inv = at::empty({C}, acc_opts);
     const int rows_per_block = kRowThreads / kWarp;
-    row_sumsq_kernel<A><<<grid_for(B, rows_per_block), kRowThreads, 0, stream>>>(
-        P.x.data_ptr(), dtype_code(P.x.scalar_type()), B, D, x_ss.data_ptr<A>(), nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    row_sumsq_kernel<A><<<grid_for(C, rows_per_block), kRowThreads, 0, stream>>>(
-        P.weight.data_ptr(), dtype_code(P.weight.scalar_type()), C, D, w_ss.data_ptr<A>(),
-        w_inv.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    UDAT_LAUNCH(row_sumsq_kernel<A>, grid_for(B, rows_per_block), kRowThreads, 0, stream)(
+        dev_ptr<const void>(P.x, "x"), dtype_code(P.x.scalar_type()), B, D,
+        dev_ptr<A>(x_ss, "x squared norms"), nullptr);
+    UDAT_KERNEL_LAUNCH_CHECK();
+    UDAT_LAUNCH(row_sumsq_kernel<A>, grid_for(C, rows_per_block), kRowThreads, 0, stream)(
+        dev_ptr<const void>(P.weight, "weight"), dtype_code(P.weight.scalar_type()), C, D,
+        dev_ptr<A>(w_ss, "weight squared norms"), dev_ptr<A>(w_inv, "weight inverse norms"));
+    UDAT_KERNEL_LAUNCH_CHECK();
   }
   const at::Tensor w_g = P.weight.to(gemm_t);
   const bool x_direct = P.x.scalar_type() == gemm_t;
@@ -94,38 +87,40 @@ void run(const Problem& P, Pass& pass) {
     const at::Tensor xb =
         x_direct ? P.x.narrow(0, r0, n) : P.x.narrow(0, r0, n).to(gemm_t);
     at::Tensor lb = logits.narrow(0, 0, n);
-    gemm_out(lb, xb, w_g.t());
+    gemm(xb, false, w_g, true, lb, 0.0);
 
     EpilogueArgs<A, G> e{};
     e.row = row;
     e.gs = gs;
-    e.logits = lb.data_ptr<A>();
-    e.g_out = pass.want_grad ? g_buf.data_ptr<G>() : nullptr;
-    e.x_ss = opt.normalize ? x_ss.data_ptr<A>() : nullptr;
-    e.w_inv = opt.normalize ? w_inv.data_ptr<A>() : nullptr;
+    e.logits = dev_ptr<const A>(lb, "logits");
+    e.g_out = pass.want_grad ? dev_ptr<G>(g_buf.narrow(0, 0, n), "logit gradient") : nullptr;
+    e.x_ss = opt.normalize ? dev_ptr<const A>(x_ss, "x squared norms") : nullptr;
+    e.w_inv = opt.normalize ? dev_ptr<const A>(w_inv, "weight inverse norms") : nullptr;
     e.r0 = r0;
-    e.lse_in = pass.lse_in.defined() ? pass.lse_in.data_ptr<A>() : nullptr;
-    e.lse_out = pass.write_loss ? pass.lse.data_ptr<A>() : nullptr;
-    e.loss_rows = pass.write_loss ? loss_rows.data_ptr<A>() : nullptr;
+    e.lse_in = pass.lse_in.defined() ? dev_ptr<const A>(pass.lse_in, "lse") : nullptr;
+    e.lse_out = pass.write_loss ? dev_ptr<A>(pass.lse, "lse") : nullptr;
+    e.loss_rows = pass.write_loss ? dev_ptr<A>(loss_rows, "row losses") : nullptr;
     e.want_grad = pass.want_grad;
-    e.u_out = pass.want_grad ? u.data_ptr<A>() : nullptr;
-    epilogue_kernel<A, G><<<static_cast<unsigned>(n), kEpilogueThreads, 0, stream>>>(e);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    e.u_out = pass.want_grad ? dev_ptr<A>(u, "u") : nullptr;
+    auto epilogue = epilogue_kernel<A, G>;
+    UDAT_LAUNCH(epilogue, static_cast<unsigned>(n), kEpilogueThreads, 0, stream)(e);
+    UDAT_KERNEL_LAUNCH_CHECK();
     if (!pass.want_grad) continue;
 
     const at::Tensor gb = g_buf.narrow(0, 0, n);
     at::Tensor gx = gx_buf.narrow(0, 0, n);
-    gemm_out(gx, gb, w_g);
-    finish_grad_x_kernel<A><<<grid_for(n * D, 256, 1 << 16), 256, 0, stream>>>(
-        gx.data_ptr<A>(), P.x.data_ptr(), dtype_code(P.x.scalar_type()), u.data_ptr<A>(), r0, n,
-        D, opt.normalize, gs, pass.grad_x.data_ptr());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gemm(gb, false, w_g, false, gx, 0.0);
+    UDAT_LAUNCH(finish_grad_x_kernel<A>, grid_for(n * D, 256, 1 << 16), 256, 0, stream)(
+        dev_ptr<const A>(gx, "grad x block"), dev_ptr<const void>(P.x, "x"),
+        dtype_code(P.x.scalar_type()), dev_ptr<const A>(u, "u"), r0, n, D, opt.normalize, gs,
+        dev_ptr<void>(pass.grad_x, "grad_x"));
+    UDAT_KERNEL_LAUNCH_CHECK();
     if (r0 == 0) {
-      gemm_out(w_acc, gb.t(), xb);
+      gemm(gb, true, xb, false, w_acc, 0.0);
     } else if (!g_separate) {
-      w_acc.addmm_(gb.t(), xb);
+      gemm(gb, true, xb, false, w_acc, 1.0);
     } else {
-      gemm_out(w_tmp, gb.t(), xb);
+      gemm(gb, true, xb, false, w_tmp, 0.0);
       w_acc.add_(w_tmp);
     }
     if (b_acc.defined()) b_acc.add_(at::sum(gb, {0}, false, P.acc));
@@ -135,11 +130,13 @@ void run(const Problem& P, Pass& pass) {
     reduce_loss(P, loss_rows, div_parts, pass.loss);
   }
   if (pass.want_grad) {
-    finish_grad_w_kernel<A><<<static_cast<unsigned>(C), kRowThreads, 0, stream>>>(
-        w_acc.data_ptr<A>(), P.weight.data_ptr(), dtype_code(P.weight.scalar_type()),
-        opt.normalize ? w_ss.data_ptr<A>() : nullptr, D, opt.normalize, pass.grad_w.data_ptr(),
+    UDAT_LAUNCH(finish_grad_w_kernel<A>, static_cast<unsigned>(C), kRowThreads, 0, stream)(
+        dev_ptr<const A>(w_acc, "grad W accumulator"), dev_ptr<const void>(P.weight, "weight"),
+        dtype_code(P.weight.scalar_type()),
+        opt.normalize ? dev_ptr<const A>(w_ss, "weight squared norms") : nullptr, D,
+        opt.normalize, dev_ptr<void>(pass.grad_w, "grad_weight"),
         dtype_code(pass.grad_w.scalar_type()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    UDAT_KERNEL_LAUNCH_CHECK();
     if (b_acc.defined()) pass.grad_b.copy_(b_acc);
   }
 }

@@ -56,8 +56,8 @@ struct EpilogueArgs {
 template <typename A, typename G>
 __global__ void __launch_bounds__(kEpilogueThreads)
     epilogue_kernel(const EpilogueArgs<A, G> a) {
-  __shared__ A scratch_m[kWarp];
-  __shared__ A scratch_s[kWarp];
+  UDAT_SHARED(A, scratch_m, kWarp);
+  UDAT_SHARED(A, scratch_s, kWarp);
   const RowArgs<A>& r = a.row;
   const MarginParams<A>& mp = r.mp;
   const int64_t C = r.C;
@@ -165,7 +165,7 @@ template <typename A>
 __global__ void __launch_bounds__(kRowThreads)
     finish_grad_w_kernel(const A* acc, const void* w, DType w_t, const A* w_ss, int64_t D,
                          bool normalize, void* grad_w, DType gw_t) {
-  __shared__ A scratch[kWarp];
+  UDAT_SHARED(A, scratch, kWarp);
   const int64_t j = blockIdx.x;
   const A* arow = acc + j * D;
   if (!normalize) {

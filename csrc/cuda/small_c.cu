@@ -1,12 +1,11 @@
 // Host side of the small-C path: sizes the grid and launches small_c_kernels.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <type_traits>
 
+#include "host_api.h"
 #include "margin_ce_cuda.h"
 #include "small_c_kernels.cuh"
 
@@ -41,7 +40,7 @@ bool aligned(const void* p, int64_t bytes) {
 template <typename S, typename A, int NC>
 void launch(const Problem& P, Pass& pass) {
   const int64_t B = P.B, C = P.C, D = P.D;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const auto acc_opts = P.x.options().dtype(P.acc);
   const bool none = P.opt.reduction == Reduction::None;
   const bool mean = P.opt.reduction == Reduction::Mean;
@@ -50,15 +49,15 @@ void launch(const Problem& P, Pass& pass) {
   const int64_t d_pad = padded_features(D);
   const int64_t smem = SmallSmem<A>(NC, small_tile<NC>(), d_pad).bytes;
   if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+    UDAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)));
   }
   const bool single = B <= kSingleBlockRows;
   int grid = 1;
   if (!single) {
     int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSmallThreads,
-                                                                 static_cast<size_t>(smem)));
+    UDAT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, kernel, kSmallThreads, static_cast<size_t>(smem)));
     const int64_t tiles = (B + small_tile<NC>() - 1) / small_tile<NC>();
     grid = static_cast<int>(
         std::min<int64_t>(tiles, int64_t(std::max(per_sm, 1)) * device_sm_count()));
@@ -69,44 +68,47 @@ void launch(const Problem& P, Pass& pass) {
   // One workspace for every partial: grad ŵ per (block, row group), per-class sums, loss, divisor.
   const int64_t n_gw = pass.want_grad ? int64_t(grid) * groups * C * D : 0;
   const int64_t n_cls = int64_t(grid) * NC;
-  at::Tensor ws = at::empty({n_gw + n_cls + 2 * int64_t(grid)}, acc_opts);
-  A* base = ws.data_ptr<A>();
+  // (Separate buffers: the emulation checks the bounds of each.)
+  at::Tensor gw_parts = at::empty({n_gw}, acc_opts);
+  at::Tensor cls_parts = at::empty({n_cls}, acc_opts);
+  at::Tensor loss_parts = at::empty({grid}, acc_opts);
+  at::Tensor red_parts = at::empty({grid}, acc_opts);
   at::Tensor div_parts;
   if (pass.want_grad && mean && !single) div_parts = divisor_partials(P);
 
   SmallArgs<S, A> a{};
-  a.x = P.x.data_ptr<S>();
-  a.w = P.weight.data_ptr();
+  a.x = dev_ptr<const S>(P.x, "x");
+  a.w = dev_ptr<const void>(P.weight, "weight");
   a.w_dtype = dtype_code(P.weight.scalar_type());
   a.row = row_args<A>(P);
   a.gs = grad_scale<A>(P, pass, div_parts);
-  a.lse_in = pass.lse_in.defined() ? pass.lse_in.data_ptr<A>() : nullptr;
-  a.lse_out = pass.write_loss ? pass.lse.data_ptr<A>() : nullptr;
-  a.loss_rows = pass.write_loss && none ? pass.loss.data_ptr<A>() : nullptr;
+  a.lse_in = pass.lse_in.defined() ? dev_ptr<const A>(pass.lse_in, "lse") : nullptr;
+  a.lse_out = pass.write_loss ? dev_ptr<A>(pass.lse, "lse") : nullptr;
+  a.loss_rows = pass.write_loss && none ? dev_ptr<A>(pass.loss, "loss") : nullptr;
   a.write_loss = pass.write_loss;
   a.want_grad = pass.want_grad;
-  a.grad_x = pass.want_grad ? pass.grad_x.data_ptr<S>() : nullptr;
-  a.gw_parts = base;
-  a.cls_parts = base + n_gw;
-  a.loss_parts = base + n_gw + n_cls;
-  a.div_parts = base + n_gw + n_cls + grid;
+  a.grad_x = pass.want_grad ? dev_ptr<S>(pass.grad_x, "grad_x") : nullptr;
+  a.gw_parts = dev_ptr<A>(gw_parts, "grad W partials");
+  a.cls_parts = dev_ptr<A>(cls_parts, "class partials");
+  a.loss_parts = dev_ptr<A>(loss_parts, "loss partials");
+  a.div_parts = dev_ptr<A>(red_parts, "divisor partials");
   a.finalize = single;
   if (pass.want_grad) {
-    a.grad_w = pass.grad_w.data_ptr();
+    a.grad_w = dev_ptr<void>(pass.grad_w, "grad_weight");
     a.gw_dtype = dtype_code(pass.grad_w.scalar_type());
     if (pass.grad_b.defined()) {
-      a.grad_b = pass.grad_b.data_ptr();
+      a.grad_b = dev_ptr<void>(pass.grad_b, "grad_bias");
       a.gb_dtype = dtype_code(pass.grad_b.scalar_type());
     }
   }
-  a.loss_out = pass.write_loss && !none ? pass.loss.data_ptr<A>() : nullptr;
+  a.loss_out = pass.write_loss && !none ? dev_ptr<A>(pass.loss, "loss") : nullptr;
   a.groups = groups;
   a.d_pad = d_pad;
   a.vec16 = D % (16 / int64_t(sizeof(S))) == 0 && aligned(a.x, 16);
   a.vec4 = D % kColsPerThread == 0 && aligned(a.x, kColsPerThread * sizeof(S)) &&
            (!pass.want_grad || aligned(a.grad_x, kColsPerThread * sizeof(S)));
-  kernel<<<grid, kSmallThreads, smem, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  UDAT_LAUNCH(kernel, grid, kSmallThreads, smem, stream)(a);
+  UDAT_KERNEL_LAUNCH_CHECK();
   if (single) return;
 
   if (pass.want_grad) {
@@ -128,12 +130,11 @@ void launch(const Problem& P, Pass& pass) {
     const dim3 fgrid(static_cast<unsigned>(std::max<int64_t>(1, (D + kFinalizeThreads - 1) /
                                                                     kFinalizeThreads)),
                      static_cast<unsigned>(C));
-    small_c_finalize_kernel<A><<<fgrid, kFinalizeThreads, 0, stream>>>(f);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    UDAT_LAUNCH(small_c_finalize_kernel<A>, fgrid, kFinalizeThreads, 0, stream)(f);
+    UDAT_KERNEL_LAUNCH_CHECK();
   }
   if (pass.write_loss && !none) {
-    reduce_loss(P, ws.narrow(0, n_gw + n_cls, grid), ws.narrow(0, n_gw + n_cls + grid, grid),
-                pass.loss);
+    reduce_loss(P, loss_parts, red_parts, pass.loss);
   }
 }
 

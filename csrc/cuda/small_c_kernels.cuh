@@ -110,7 +110,7 @@ __device__ __forceinline__ void warp_row_dots(const SmallArgs<S, A>& a, const A*
       for (int q = 0; q < R; ++q) {
         XVec raw;
         if (row0 + q < B) {
-          raw = *reinterpret_cast<const XVec*>(a.x + (row0 + q) * D + v * V);
+          raw = load_vec<XVec>(a.x + (row0 + q) * D + v * V);
         } else {
 #pragma unroll
           for (int e = 0; e < V; ++e) raw.v[e] = S(0);
@@ -123,10 +123,10 @@ __device__ __forceinline__ void warp_row_dots(const SmallArgs<S, A>& a, const A*
       }
 #pragma unroll
       for (int j = 0; j < NC; ++j) {
-        const WVec* wp = reinterpret_cast<const WVec*>(w_s + j * a.d_pad + v * V);
+        const A* wp = w_s + j * a.d_pad + v * V;
 #pragma unroll
         for (int c = 0; c < V / WV; ++c) {  // V * sizeof(S) == 16 <= V * sizeof(A)
-          const WVec wv = wp[c];
+          const WVec wv = load_vec<WVec>(wp + c * WV);
 #pragma unroll
           for (int e = 0; e < WV; ++e) {
 #pragma unroll
@@ -310,7 +310,7 @@ __device__ __forceinline__ A block_inv_divisor(const SmallArgs<S, A>& a, A* scra
 template <typename S, typename A, int NC>
 __global__ void __launch_bounds__(kSmallThreads)
     small_c_kernel(const SmallArgs<S, A> a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  UDAT_DYNAMIC_SHARED(unsigned char, smem_raw, 16);
   A* smem = reinterpret_cast<A*>(smem_raw);
   constexpr int R = rows_per_warp<NC>();
   constexpr int kTile = small_tile<NC>();
@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(kSmallThreads)
         A xv[kColsPerThread];
         const S* xr = a.x + i * D + d0;
         if (a.vec4) {
-          const Vec<S, kColsPerThread> raw = *reinterpret_cast<const Vec<S, kColsPerThread>*>(xr);
+          const auto raw = load_vec<Vec<S, kColsPerThread>>(xr);
 #pragma unroll
           for (int e = 0; e < kColsPerThread; ++e) xv[e] = to_acc<A>(raw.v[e]);
         } else {
@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(kSmallThreads)
           Vec<S, kColsPerThread> out;
 #pragma unroll
           for (int e = 0; e < kColsPerThread; ++e) out.v[e] = from_acc<S>(gx[e]);
-          *reinterpret_cast<Vec<S, kColsPerThread>*>(gr) = out;
+          store_vec(gr, out);
         } else {
 #pragma unroll
           for (int e = 0; e < kColsPerThread; ++e) {
@@ -502,7 +502,7 @@ struct SmallFinalizeArgs {
 
 template <typename A>
 __global__ void small_c_finalize_kernel(const SmallFinalizeArgs<A> f) {
-  __shared__ A scratch[kWarp];
+  UDAT_SHARED(A, scratch, kWarp);
   const int64_t j = blockIdx.y;
   const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   A q = A(0);
