@@ -124,6 +124,16 @@ void selftest(std::string which) {
     UDAT_LAUNCH(divergent_barrier, 1, kThreads, 0, s)(out.data());
   } else if (which == "uninitialized_shared") {
     UDAT_LAUNCH(uninitialized_shared, 1, kThreads, 0, s)(out.data());
+  } else if (which == "gemm_ok" || which == "gemm_tf32_compute" || which == "gemm_tf32_handle") {
+    // C (4×4) = A (4×8) · B (8×4), float32, through the cuBLAS stand-in.
+    cublasHandle_t h = ::udat::emu::blas_handle(which == "gemm_tf32_handle");
+    const float alpha = 1.0f, beta = 0.0f;
+    const cublasComputeType_t compute =
+        which == "gemm_tf32_compute" ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    TORCH_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 8, &alpha, in.data(), CUDA_R_32F,
+                             4, in.data() + 32, CUDA_R_32F, 8, &beta, out.data(), CUDA_R_32F, 4,
+                             compute, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS);
+    TORCH_CHECK(out[0] == 8.0f, "gemm: got ", out[0]);
   } else {
     TORCH_CHECK(false, "selftest: unknown case ", which);
   }
