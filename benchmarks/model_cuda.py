@@ -100,11 +100,18 @@ class SmallDesign:
     finalize: str              # "kernel": separate kernels; "last_block": counters, in-kernel
     fan_in: int                # last-block-done: partials a reducer adds (hierarchical above)
     divisor_in_block_rows: int  # mean backward: each block sums the divisor itself up to this B
+    even_shares: bool = False  # blocks take even shares of the batch (else whole tiles in turn)
 
 
 CURRENT_SMALL = SmallDesign("current", rows_per_warp={2: 4, 8: 2}, single_block_rows=128,
                             small_batch_tile=0, finalize="kernel", fan_in=0,
                             divisor_in_block_rows=128)
+# One launch a pass at any batch: a small batch spread in blocks of 8 rows, partials reduced by a
+# tree of last-block-done counters inside the kernel, the mean's divisor summed by every block up
+# to 4096 rows (csrc/cuda/small_c_kernels.cuh).
+REDESIGN_SMALL = SmallDesign("redesign", rows_per_warp={2: 4, 8: 2}, single_block_rows=0,
+                             small_batch_tile=8, finalize="last_block", fan_in=16,
+                             divisor_in_block_rows=4096, even_shares=True)
 
 
 def _nc(C: int) -> int:
@@ -117,15 +124,22 @@ def small_c_kernel(est: Estimate, d: SmallDesign, B: int, D: int, C: int, dtype:
     e = ELEM[dtype]
     NC, R = _nc(C), d.rows_per_warp[_nc(C)]
     warps = OCC["small_c_kernel"]["threads"] // 32
-    tile = warps * R
-    if d.small_batch_tile and B <= d.small_batch_tile * SMS:
-        tile = d.small_batch_tile
-    tiles = math.ceil(B / tile)
     per_sm = OCC["small_c_kernel"]["blocks_per_sm"]
+    tile = warps * R
+    if d.small_batch_tile:  # spread a small batch: tiles of at least small_batch_tile rows
+        spread = max(d.small_batch_tile, math.ceil(B / (per_sm * SMS)))
+        tile = min(tile, math.ceil(spread / R) * R)
+    tiles = math.ceil(B / tile)
     single = B <= d.single_block_rows and d.finalize == "kernel"
     grid = 1 if single else min(tiles, per_sm * SMS)
-    tiles_per_block = math.ceil(tiles / grid)
-    rows_per_block = min(B, tiles_per_block * tile)
+    if d.even_shares:  # each block an even share of the rows, tiled
+        rows_per_block = math.ceil(B / grid)
+        tiles_per_block = math.ceil(rows_per_block / tile)
+        wave = 1.0
+    else:
+        tiles_per_block = math.ceil(tiles / grid)
+        rows_per_block = min(B, tiles_per_block * tile)
+        wave = tiles_per_block * grid / tiles
     w_bytes = C * D * e
     part_bytes = C * D * 4  # a block's grad ŵ partial, float32
 
@@ -139,11 +153,12 @@ def small_c_kernel(est: Estimate, d: SmallDesign, B: int, D: int, C: int, dtype:
     # Streaming over the whole machine, when the batch is large enough to fill it.
     in_flight = per_sm * warps * R * 16 * 32 * 2
     hbm = B * D * e * (2 if backward else 1) + grid * w_bytes
-    t_stream = t + stream_s(hbm, in_flight) * (tiles_per_block * grid / tiles)
+    t_stream = t + stream_s(hbm, in_flight) * wave
     est.add("small-C kernel", NODE + max(t_block, t_stream), launches=1, blocks=grid,
             nbytes=hbm)
 
-    if backward and mean and not single and B > d.divisor_in_block_rows:
+    if (backward and mean and not single and B > d.divisor_in_block_rows
+            and d.finalize != "grid_sync"):
         est.add("divisor kernel", NODE + LAT + stream_s(B * 12), launches=1,
                 blocks=max(1, min(256, math.ceil(B / 2048))), nbytes=B * 12)
     if single:
@@ -163,15 +178,25 @@ def small_c_kernel(est: Estimate, d: SmallDesign, B: int, D: int, C: int, dtype:
         else:
             est.add("loss reduction kernel", NODE + LAT + grid * 8 / SM_BW, launches=1, blocks=1)
         return
+    if d.finalize == "grid_sync":
+        # Every block resident (a cooperative launch): a grid barrier after the divisor and one
+        # after the partials, then each block adds its share of every partial's columns.
+        tail = 2 * 2 * LAT + LAT + part_bytes / SM_BW if backward else 2 * LAT + LAT
+        est.add("grid-wide reductions", tail)
+        return
     # Last block done: a fence and an atomic per block, then reducers of `fan_in` partials each,
-    # level by level, the last of them writing grad W (or, forward, the loss).
+    # level by level, the last of them writing grad W (or, forward, the loss: one level, the
+    # partials being two numbers).
+    fan_in = d.fan_in if backward else max(2, grid)
     levels, n = 0, grid
     tail = 0.0
+    if n == 1:
+        tail += LAT + (part_bytes if backward else 8) / SM_BW  # its own partial, through L2
     while n > 1:
-        k = min(n, d.fan_in)
+        k = min(n, fan_in)
         nbytes = k * (part_bytes if backward else 8)
         tail += 2 * LAT + LAT + nbytes / SM_BW
-        n = math.ceil(n / d.fan_in)
+        n = math.ceil(n / fan_in)
         levels += 1
     if backward:
         tail += w_bytes / SM_BW
@@ -207,11 +232,17 @@ class LargeDesign:
     block_rows: str        # "budget256": 256 MiB of logits + gradient; "memory": the memory rule
     grad_w: str            # "temp_add": per-block temporary + add; "beta1": accumulate in the GEMM
     logit_reads: int       # passes of the epilogue over the float32 logits
+    epilogue_in_flight: int  # bytes a thread of the epilogue has in flight
     # free device memory when the loss runs (the benchmark leaves nine tenths of it free)
     free_bytes: float = 0.9 * P["hbm_bytes"]
 
 
-CURRENT_LARGE = LargeDesign("current", block_rows="budget256", grad_w="temp_add", logit_reads=2)
+CURRENT_LARGE = LargeDesign("current", block_rows="budget256", grad_w="temp_add", logit_reads=2,
+                            epilogue_in_flight=16)
+# Row blocks by the memory rule, grad W accumulated by the GEMM (beta = 1), the epilogue's two
+# passes over the logits in 16-byte vectors (csrc/cuda/large_c.cu, large_c_kernels.cuh).
+REDESIGN_LARGE = LargeDesign("redesign", block_rows="memory", grad_w="beta1", logit_reads=2,
+                             epilogue_in_flight=32)
 
 
 def eager_extra_bytes(B: int, C: int) -> float:
@@ -219,16 +250,18 @@ def eager_extra_bytes(B: int, C: int) -> float:
 
 
 def large_block_rows(d: LargeDesign, B: int, D: int, C: int, g_elem: int) -> int:
-    per_row = C * (4 + g_elem)
+    per_row = C * (4 + g_elem) + (D * 4 if d.block_rows == "memory" else 0)
     if d.block_rows == "budget256":
         return max(1, min(B, (256 << 20) // per_row))
     # Memory rule: at most half the free memory; where eager fits, at most a quarter of its
     # extra peak; where it does not, everything else within one logits block (2× in all).
-    fixed = C * D * 4 + C * D * 2 + 4 * (B + 2 * C)
+    fixed = C * D * (4 + 2) + B * D * 2 + 4 * (3 * B + 3 * C)
     budget = 0.5 * d.free_bytes
     if eager_extra_bytes(B, C) <= d.free_bytes:
         budget = min(budget, 0.25 * eager_extra_bytes(B, C))
-    return max(1, min(B, int((budget - fixed) // per_row)))
+    rows = max(1, min(B, int((budget - fixed) // per_row)))
+    blocks = math.ceil(B / rows)
+    return math.ceil(B / blocks)  # blocks of even size
 
 
 def large_c_step(d: LargeDesign, B: int, D: int, C: int, dtype: str) -> Estimate:
@@ -247,7 +280,8 @@ def large_c_step(d: LargeDesign, B: int, D: int, C: int, dtype: str) -> Estimate
         est.add("norms", NODE + LAT + stream_s(nb), launches=1,
                 blocks=math.ceil(rows * 32 / 256), nbytes=nb)
     est.add("divisor kernel", NODE + LAT + stream_s(B * 12), launches=1, blocks=4)
-    epi_in_flight = OCC["epilogue_kernel"]["blocks_per_sm"] * OCC["epilogue_kernel"]["threads"] * 16
+    epi_in_flight = (OCC["epilogue_kernel"]["blocks_per_sm"] * OCC["epilogue_kernel"]["threads"]
+                     * d.epilogue_in_flight)
     for b in range(blocks):
         m = min(n, B - b * n)
         t1 = gemm_s(m, C, D, e, 4, fp32=fp32)
@@ -302,7 +336,14 @@ def three_gemms_s(B: int, D: int, C: int, dtype: str) -> float:
 # Targets
 # ---------------------------------------------------------------------------------------------
 
-DESIGNS = {"current": (CURRENT_SMALL, CURRENT_LARGE)}
+# Not built: what a cooperative launch (all blocks resident, grid barriers) would give the small-C
+# path: no divisor launch, and the partials added by every block at once.
+COOPERATIVE_SMALL = SmallDesign("cooperative", rows_per_warp={2: 4, 8: 2}, single_block_rows=0,
+                                small_batch_tile=8, finalize="grid_sync", fan_in=0,
+                                divisor_in_block_rows=4096, even_shares=True)
+DESIGNS = {"current": (CURRENT_SMALL, CURRENT_LARGE),
+           "redesign": (REDESIGN_SMALL, REDESIGN_LARGE),
+           "cooperative": (COOPERATIVE_SMALL, REDESIGN_LARGE)}
 
 
 def targets(design: str) -> list[dict]:
@@ -312,10 +353,12 @@ def targets(design: str) -> list[dict]:
         for dtype in ("fp32", "bf16"):
             est = small_c_step(small, 64, 1024, C, dtype, graph=True)
             label = f"paper (64, 1024, {C}) {dtype}"
-            rows.append({"target": f"{label}: step by CUDA-graph replay", "goal": "<= 20 us",
+            rows.append({"key": f"paper-step C={C} {dtype}",
+                         "target": f"{label}: step by CUDA-graph replay", "goal": "<= 20 us",
                          "modelled": est.time_s, "unit": "s", "met": est.time_s <= 20e-6,
                          "parts": est.parts})
-            rows.append({"target": f"{label}: launches a step, and blocks",
+            rows.append({"key": f"paper-launches C={C} {dtype}",
+                         "target": f"{label}: launches a step, and blocks",
                          "goal": "<= 2 launches, > 1 block", "modelled": est.launches,
                          "blocks": est.max_blocks, "unit": "launches",
                          "met": est.launches <= 2 and est.max_blocks > 1})
@@ -324,7 +367,8 @@ def targets(design: str) -> list[dict]:
             B, D = 65536, 1024
             est = small_c_step(small, B, D, C, dtype, graph=False)
             frac = three_pass_floor_s(B, D, dtype) / est.time_s
-            rows.append({"target": f"bandwidth ({B}, {D}, {C}) {dtype}: fraction of the "
+            rows.append({"key": f"bandwidth C={C} {dtype}",
+                         "target": f"bandwidth ({B}, {D}, {C}) {dtype}: fraction of the "
                                    "three-pass HBM floor", "goal": ">= 80%",
                          "modelled": frac, "unit": "fraction", "met": frac >= 0.8,
                          "parts": est.parts, "time_s": est.time_s})
@@ -333,7 +377,8 @@ def targets(design: str) -> list[dict]:
         est = large_c_step(large, B, D, C, "bf16")
         ref = three_gemms_s(B, D, C, "bf16")
         ratio = est.time_s / ref
-        rows.append({"target": f"large C ({B}, {D}, {C:.0e}) bf16: time / three cuBLAS GEMMs",
+        rows.append({"key": f"large-ratio C={C:.0e}",
+                     "target": f"large C ({B}, {D}, {C:.0e}) bf16: time / three cuBLAS GEMMs",
                      "goal": "<= 1.6", "modelled": ratio, "unit": "ratio", "met": ratio <= 1.6,
                      "parts": est.parts, "time_s": est.time_s, "gemms_s": ref})
         eager = eager_extra_bytes(B, C)
@@ -341,12 +386,14 @@ def targets(design: str) -> list[dict]:
         n = est.parts["_rows_per_block"]
         if fits:
             frac = est.extra_bytes / eager
-            rows.append({"target": f"large C ({B}, {D}, {C:.0e}) bf16: extra peak memory / "
+            rows.append({"key": f"large-memory C={C:.0e}",
+                         "target": f"large C ({B}, {D}, {C:.0e}) bf16: extra peak memory / "
                                    "eager's", "goal": "<= 25%", "modelled": frac,
                          "unit": "fraction", "met": frac <= 0.25})
         else:
             frac = est.extra_bytes / (n * C * 4)
-            rows.append({"target": f"large C ({B}, {D}, {C:.0e}) bf16: extra peak memory / one "
+            rows.append({"key": f"large-memory C={C:.0e}",
+                         "target": f"large C ({B}, {D}, {C:.0e}) bf16: extra peak memory / one "
                                    "logits block (eager does not fit)", "goal": "<= 2",
                          "modelled": frac, "unit": "ratio", "met": frac <= 2})
     return rows
@@ -357,7 +404,7 @@ def _fmt(row: dict) -> str:
     if unit == "s":
         return f"{v * 1e6:.1f} us"
     if unit == "fraction":
-        return f"{v:.0%}"
+        return f"{v:.1%}"
     if unit == "launches":
         return f"{v} launches, {row['blocks']} blocks"
     return f"{v:.2f}"

@@ -80,6 +80,13 @@ __device__ __forceinline__ void store_vec(T* p, const V& v) {
   *reinterpret_cast<V*>(p) = v;
 }
 
+// A value another block wrote and published (last-block-done): read past L1, which is not
+// coherent across SMs.
+template <typename T>
+__device__ __forceinline__ T load_cg(const T* p) {
+  return UDAT_LOAD_CG(p);
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll

@@ -18,6 +18,8 @@
 #define UDAT_LAUNCH(kernel, grid, block, smem, stream) \
   ::udat::emu::launcher(#kernel, kernel, grid, block, smem, stream)
 #define UDAT_CHECK_VECTOR_ACCESS(p, bytes) ::udat::emu::check_vector_access(p, bytes)
+// A load that bypasses L1 (another block's data, published through a fence and an atomic).
+#define UDAT_LOAD_CG(p) (*(p))
 #else
 #include <cuda_runtime.h>
 
@@ -25,4 +27,5 @@
 #define UDAT_DYNAMIC_SHARED(T, name, align) extern __shared__ __align__(align) T name[]
 #define UDAT_LAUNCH(kernel, grid, block, smem, stream) kernel<<<(grid), (block), (smem), (stream)>>>
 #define UDAT_CHECK_VECTOR_ACCESS(p, bytes) ((void)0)
+#define UDAT_LOAD_CG(p) __ldcg(p)
 #endif

@@ -53,6 +53,14 @@ T* dev_ptr(const at::Tensor& t, const char* name) {
   ::udat::emu::register_buffer(t.data_ptr(), size_t(span) * t.element_size(), name);
   return static_cast<T*>(t.data_ptr());
 }
+inline int64_t device_free_bytes() {
+  size_t free_bytes = 0, total_bytes = 0;
+  cudaMemGetInfo(&free_bytes, &total_bytes);
+  return int64_t(free_bytes);
+}
+inline unsigned* counter_slots(int64_t n) {
+  return static_cast<unsigned*>(::udat::emu::counter_slots(size_t(n)));
+}
 #else
 #define UDAT_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
 #define UDAT_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
@@ -67,6 +75,11 @@ template <typename T>
 T* dev_ptr(const at::Tensor& t, const char*) {
   return static_cast<T*>(t.data_ptr());
 }
+// n zeroed counters for a kernel's last-block-done tree, which it leaves zeroed (margin_ce_cuda.cu)
+unsigned* counter_slots(int64_t n);
+// Device memory free for this process: the driver's free memory and what torch's caching
+// allocator holds without using (margin_ce_cuda.cu).
+int64_t device_free_bytes();
 #endif
 
 }  // namespace cuda

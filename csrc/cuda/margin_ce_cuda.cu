@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 
 #if !defined(UDAT_CUDA_EMULATION)
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/library.h>
 #endif
 
@@ -15,6 +16,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 
 #include "host_api.h"
 #include "margin_ce_cuda.h"
@@ -40,22 +43,42 @@ constexpr int kReduceThreads = 512;
 constexpr int64_t kDivisorMaxParts = 256;
 constexpr int64_t kDivisorRowsPerPart = 2048;
 
-// A device attribute of the current device, read once per device.
+// A device attribute of the current device, read once per device (the emulated device's change
+// between tests: read every time).
 int cached_attribute(std::atomic<int>* cache, cudaDeviceAttr attr) {
   int dev = 0;
   UDAT_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < kMaxDevices) {
+#if defined(UDAT_CUDA_EMULATION)
+  cache = nullptr;
+#endif
+  if (cache && dev < kMaxDevices) {
     const int v = cache[dev].load(std::memory_order_relaxed);
     if (v > 0) return v;
   }
   int v = 0;
   UDAT_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, dev));
-  if (dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
+  if (cache && dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
   return v;
 }
 
 std::atomic<int> g_sm_count[kMaxDevices];
 std::atomic<int> g_smem_optin[kMaxDevices];
+
+#if !defined(UDAT_CUDA_EMULATION)
+// Counters of the last-block-done trees: one zeroed allocation per device, never freed. A kernel
+// leaves its counters zeroed (atomicInc wraps), so the launches of one stream, which run one after
+// the other, share a range; a launch captured into a CUDA graph gets a range of its own, so that
+// the graph may replay on any stream.
+constexpr int64_t kCounterPool = int64_t(1) << 20;
+constexpr int64_t kCountersPerLaunch = 4096;
+struct CounterPool {
+  unsigned* base = nullptr;
+  int64_t next = 0;
+  std::unordered_map<cudaStream_t, int64_t> by_stream;
+};
+std::mutex g_counter_mutex;
+CounterPool g_counter_pools[kMaxDevices];
+#endif
 
 template <typename A>
 __global__ void divisor_parts_kernel(const RowArgs<A> r, int64_t chunk, A* out) {
@@ -89,6 +112,51 @@ __global__ void reduce_loss_kernel(const A* loss_parts, int64_t n_loss, const A*
 }  // namespace
 
 int device_sm_count() { return cached_attribute(g_sm_count, cudaDevAttrMultiProcessorCount); }
+
+#if !defined(UDAT_CUDA_EMULATION)
+int64_t device_free_bytes() {
+  size_t free_bytes = 0, total_bytes = 0;
+  UDAT_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  int dev = 0;
+  UDAT_CUDA_CHECK(cudaGetDevice(&dev));
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(dev);
+  const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  const int64_t cached = stats.reserved_bytes[all].current - stats.allocated_bytes[all].current;
+  return int64_t(free_bytes) + std::max<int64_t>(0, cached);
+}
+
+unsigned* counter_slots(int64_t n) {
+  TORCH_CHECK(n <= kCountersPerLaunch, "counter_slots: ", n, " counters asked for, at most ",
+              kCountersPerLaunch);
+  int dev = 0;
+  UDAT_CUDA_CHECK(cudaGetDevice(&dev));
+  TORCH_CHECK(dev < kMaxDevices, "counter_slots: device ", dev, " beyond ", kMaxDevices);
+  const cudaStream_t stream = current_stream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  UDAT_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const std::lock_guard<std::mutex> lock(g_counter_mutex);
+  CounterPool& pool = g_counter_pools[dev];
+  if (!pool.base) {
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+                "udat_kernels: the first fused loss on a device cannot run inside CUDA-graph "
+                "capture; run it once before capturing (the usual warm-up)");
+    UDAT_CUDA_CHECK(cudaMalloc(&pool.base, kCounterPool * sizeof(unsigned)));
+    UDAT_CUDA_CHECK(cudaMemset(pool.base, 0, kCounterPool * sizeof(unsigned)));
+    UDAT_CUDA_CHECK(cudaDeviceSynchronize());  // once per device and process
+  }
+  auto take = [&]() {
+    TORCH_CHECK(pool.next + kCountersPerLaunch <= kCounterPool,
+                "udat_kernels: out of last-block counters (too many captured graphs)");
+    const int64_t at = pool.next;
+    pool.next += kCountersPerLaunch;
+    return at;
+  };
+  if (capture != cudaStreamCaptureStatusNone) return pool.base + take();
+  auto it = pool.by_stream.find(stream);
+  if (it == pool.by_stream.end()) it = pool.by_stream.emplace(stream, take()).first;
+  return pool.base + it->second;
+}
+#endif
 
 int64_t device_smem_optin() {
   return cached_attribute(g_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin);

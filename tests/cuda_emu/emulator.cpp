@@ -1090,10 +1090,14 @@ cublasHandle_t blas_handle(bool tf32_allowed) {
   return reinterpret_cast<cublasHandle_t>(&g_blas);
 }
 
+// One stream: its launches run one after another and share the pool's first counters, which
+// every kernel must leave at zero (a kernel that does not breaks the next one).
 void* counter_slots(size_t count) {
-  static std::vector<std::unique_ptr<uint32_t[]>> pools;
-  pools.emplace_back(new uint32_t[count]());
-  return pools.back().get();
+  constexpr size_t kPool = 4096;
+  static uint32_t pool[kPool] = {};
+  if (count > kPool) throw std::runtime_error("CUDA emulator: too many counters asked for");
+  register_buffer(pool, count * sizeof(uint32_t), "last-block counters");
+  return pool;
 }
 
 void set_config(const std::string& key, int64_t value) {

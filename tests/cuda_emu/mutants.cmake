@@ -57,3 +57,10 @@ udat_emu_mutant(misaligned_load cuda/small_c.cu
   "D % (16 / int64_t(sizeof(S))) == 0 && aligned(a.x, 16)"
   "D % (16 / int64_t(sizeof(S))) == 0"
   small_c "test_unaligned_storage and fused" "CUDA emulator: misaligned 16-byte vector access of 'x'")
+
+# A missing fence before the last-block-done counter: the block that adds the partials reads
+# other blocks' partials that nothing orders before its reads.
+udat_emu_mutant(missing_fence cuda/small_c_kernels.cuh
+  "      __threadfence();  // ... and visible before the count says so\n"
+  ""
+  small_c "test_classes and fused" "CUDA emulator: data race: .*__threadfence \\+ atomic")

@@ -2,10 +2,11 @@
 (emulator.h), against the float64 reference with the tolerances of docs/math.md ("Closeness and
 tolerances"). Any race, out-of-bounds or misaligned access fails the test that makes it.
 
-Paths: the fused small-C kernel in one block and over several blocks (with few emulated
-multiprocessors, so that a block takes several row tiles), and the GEMM row blocks of the large-C
-path (forced on small shapes, in one block and, with a tiny budget, in several). The GEMMs run on
-the emulator's CPU stand-in of cuBLAS."""
+Paths: the fused small-C kernel over a small batch spread in blocks of 8 rows, over few blocks
+that each take several row tiles (few emulated multiprocessors), and over enough blocks for a
+three-level tree of last-block-done partials; and the GEMM row blocks of the large-C path (forced
+on small shapes, in one block and, with a tiny budget, in several). The GEMMs run on the
+emulator's CPU stand-in of cuBLAS."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ INF, NAN = float("inf"), float("nan")
 
 # name: (B, environment, emulator settings)
 PATHS = {
-    "fused-1block": (37, {}, {}),
+    "fused-small": (37, {}, {}),
     "fused-blocks": (150, {}, {"sm_count": 1, "max_blocks_per_sm": 2}),
+    "fused-tree": (300, {}, {"sm_count": 10}),
     "gemm": (37, {"UDAT_CUDA_FORCE_GEMM": "1"}, {}),
     "gemm-blocks": (37, {"UDAT_CUDA_FORCE_GEMM": "1", "UDAT_CUDA_BLOCK_BYTES": "400"}, {}),
 }
@@ -54,8 +56,9 @@ def _check(angular, x, w, t, **kw):
 
 
 KERNELS = {  # what each path launches (besides the divisor and loss reductions)
-    "fused-1block": {"small_c_kernel"},
-    "fused-blocks": {"small_c_kernel", "small_c_finalize_kernel"},
+    "fused-small": {"small_c_kernel"},
+    "fused-blocks": {"small_c_kernel"},
+    "fused-tree": {"small_c_kernel"},
     "gemm": {"row_sumsq_kernel", "epilogue_kernel", "finish_grad_x_kernel",
              "finish_grad_w_kernel"},
     "gemm-blocks": {"row_sumsq_kernel", "epilogue_kernel", "finish_grad_x_kernel",
@@ -75,9 +78,13 @@ def test_paths_run_their_kernels(emu, monkeypatch, name):
     run_loss(ANGULAR, x, w, t, backend="cuda", validate=False)
     launched = {k["name"].split("<")[0] for k in emu.kernels()}
     assert KERNELS[name] <= launched, launched
+    grids = [k["grid"][0] for k in emu.kernels() if k["name"].startswith("small_c_kernel")]
+    if name == "fused-small":
+        assert grids == [5, 5], "a small batch spreads over blocks of 8 rows"
     if name == "fused-blocks":
-        grid = max(k["grid"][0] for k in emu.kernels() if k["name"].startswith("small_c_kernel"))
-        assert 1 < grid < (B + 31) // 32, "expected several blocks, each taking several tiles"
+        assert grids == [2, 2], "expected two blocks, each taking several tiles"
+    if name == "fused-tree":
+        assert grids == [38, 38], "expected a backward tree of three levels (38, 3, 1)"
     if name == "gemm-blocks":
         assert len([k for k in emu.kernels() if k["name"].startswith("epilogue")]) > 2
         assert len(emu.gemms()) > 6
@@ -263,7 +270,7 @@ def test_inf_and_nan_bias(path, C):
 
 
 @pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
-@pytest.mark.parametrize("path_name", ["fused-blocks", "gemm-blocks"])
+@pytest.mark.parametrize("path_name", ["fused-blocks", "fused-tree", "gemm-blocks"])
 def test_results_do_not_depend_on_thread_order(emu, monkeypatch, path_name, angular):
     """Every reduction has a fixed order: bitwise the same results under other seeds of the
     emulator's thread and block order."""
