@@ -41,9 +41,10 @@ demo: setup
 
 test: setup pytest ctest
 
-# tests/cuda_emu needs the emulation libraries of the CMake build: ctest runs it.
+# tests/cuda_emu and tests/cuda_build need the CMake build (emulation libraries, ptxas's
+# reports): ctest runs them.
 pytest: setup
-	$(PY) -m pytest tests -q -ra --ignore=tests/cuda_emu
+	$(PY) -m pytest tests -q -ra --ignore=tests/cuda_emu --ignore=tests/cuda_build
 
 # The C++ tests, and the CUDA sources two ways: compiled by nvcc (the CMake CUDA target, where
 # nvcc and a CUDA torch are present) and run on the CPU under the checking emulator

@@ -101,3 +101,19 @@ def test_tree_of_partials_is_bitwise_reproducible(emu, D):
         for a, b in zip(first, out):
             assert torch.equal(a, b)
 
+
+@pytest.mark.parametrize("x_dtype,w_dtype,C,D", [
+    (torch.float32, torch.float32, 7, 64), (torch.bfloat16, torch.bfloat16, 2, 1024),
+    (torch.bfloat16, torch.float32, 7, 40), (torch.float64, torch.float64, 8, 33)])
+def test_compiler_evidence_mirrors_the_shared_memory_layout(emu, x_dtype, w_dtype, C, D):
+    """benchmarks/cuda_occupancy.py recomputes the small-C kernel's shared memory to judge the
+    compiled occupancy; it must agree with what the host side asks for at launch."""
+    from benchmarks import cuda_occupancy as co
+
+    x, w, t = make_inputs(9, D, C, x_dtype=x_dtype, w_dtype=w_dtype, seed=3)
+    uk.angular_margin_cross_entropy(x, w, t, backend="cuda", validate=False)
+    (launch,) = emu.kernels()
+    size = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2}
+    acc = 8 if torch.float64 in (x_dtype, w_dtype) else 4
+    ws = size[x_dtype] if (x_dtype == w_dtype and acc == 4) else acc
+    assert launch["smem"] == co.small_c_smem_bytes(ws, acc, 2 if C <= 2 else 8, D)
