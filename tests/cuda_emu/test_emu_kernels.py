@@ -33,13 +33,30 @@ PATHS = {
 }
 
 
-@pytest.fixture(params=list(PATHS))
-def path(request, emu, monkeypatch):
-    B, env, settings = PATHS[request.param]
+def _enter(name, emu, monkeypatch):
+    B, env, settings = PATHS[name]
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     emu.config(**settings)
     return B
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, emu, monkeypatch):
+    """Every path."""
+    return _enter(request.param, emu, monkeypatch)
+
+
+@pytest.fixture(params=["fused-small", "fused-tree", "gemm-blocks"])
+def some_path(request, emu, monkeypatch):
+    """One fused path of each shape of tree, and the GEMM row blocks: for the long matrices."""
+    return _enter(request.param, emu, monkeypatch)
+
+
+@pytest.fixture(params=["fused-blocks", "gemm-blocks"])
+def multi_block_path(request, emu, monkeypatch):
+    """Several blocks of each path (partials, row blocks): for the keyword matrix."""
+    return _enter(request.param, emu, monkeypatch)
 
 
 def fn(angular):
@@ -108,14 +125,15 @@ DTYPE_PAIRS = [
 
 @pytest.mark.parametrize("x_dtype,w_dtype", DTYPE_PAIRS, ids=_ids)
 @pytest.mark.parametrize("D", [36, 33, 64])  # D % 8 != 0 but D % 4 == 0; odd; 16-byte rows
-def test_dtypes(path, D, x_dtype, w_dtype):
-    x, w, t = make_inputs(path, D, 7, x_dtype=x_dtype, w_dtype=w_dtype, seed=D)
+def test_dtypes(some_path, D, x_dtype, w_dtype):
+    x, w, t = make_inputs(some_path, D, 7, x_dtype=x_dtype, w_dtype=w_dtype, seed=D)
     _check(True, x, w, t)
 
 
 @pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_ids)
-@pytest.mark.parametrize("offset", [1, 2])
+@pytest.mark.parametrize("dtype,offset", [(torch.float32, 1), (torch.float32, 2),
+                                          (torch.bfloat16, 1), (torch.float16, 1)],
+                         ids=["float32-1", "float32-2", "bfloat16-1", "float16-1"])
 def test_unaligned_storage(path, offset, dtype, angular):
     """x and W at a storage offset that breaks 16-byte alignment, handed to the op as they are
     (views of one buffer each): the host side must not choose vector loads for them (the
@@ -138,8 +156,8 @@ def test_unaligned_storage(path, offset, dtype, angular):
 
 @pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
 @pytest.mark.parametrize("name", list(KEYWORDS))
-def test_keywords(path, name, angular):
-    x, w, t = make_inputs(path, 24, 7, seed=11)
+def test_keywords(multi_block_path, name, angular):
+    x, w, t = make_inputs(multi_block_path, 24, 7, seed=11)
     kwargs = materialize_keywords(KEYWORDS[name], t.shape[0], 7, angular, t)
     bias = None if angular else torch.randn(7, generator=torch.Generator().manual_seed(1))
     _check(angular, x, w, t, bias=bias, **kwargs)
