@@ -10,9 +10,14 @@ export MAX_JOBS ?= 2
 
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.ext-built
-EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h python/*.cpp)
+EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h python/*.cpp)
 
-.PHONY: setup demo test pytest ctest bench clean
+# The Triton of the GPU machine, beside the one installed, for the ahead-of-time compile check.
+TRITON_GPU ?= triton==3.6.0
+TRITON_GPU_VENV ?= .venv-triton-gpu
+TRITON_SPECS := build/triton-specs.jsonl
+
+.PHONY: setup demo test pytest ctest triton-aot bench clean
 
 setup: $(EXT_STAMP)
 
@@ -24,9 +29,10 @@ $(DEPS_STAMP): requirements-dev.txt
 	touch $@
 
 # The first build is the editable install (package, console scripts, udat_kernels._C in place);
-# after a source change only the extension is rebuilt.
+# after a source change only the extension is rebuilt, after a change of pyproject.toml (console
+# scripts, dependencies) the editable install is redone.
 $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES) pyproject.toml
-	if [ -f $(VENV)/.editable ]; then \
+	if [ -f $(VENV)/.editable ] && [ $(VENV)/.editable -nt pyproject.toml ]; then \
 	  $(PY) setup.py --quiet build_ext --inplace; \
 	else \
 	  $(PY) -m pip install --quiet --no-build-isolation --no-deps -e . && touch $(VENV)/.editable; \
@@ -39,12 +45,33 @@ demo: setup
 	$(PY) -m udat_kernels.udat.experiment --source mnist5k --target digits --seeds 0 1 2 --epochs 10 \
 	  --lr 0.03 --momentum 0.9 --lambda 0.1 --threads 2 --out runs/demo
 
-test: setup pytest ctest
+test: setup pytest ctest triton-aot
 
+# The Triton kernels' launches are recorded (their specializations) for triton-aot.
 # tests/cuda_emu and tests/cuda_build need the CMake build (emulation libraries, ptxas's
 # reports): ctest runs them.
 pytest: setup
-	$(PY) -m pytest tests -q -ra --ignore=tests/cuda_emu --ignore=tests/cuda_build
+	mkdir -p build && rm -f $(TRITON_SPECS)
+	UDAT_TRITON_SPECS=$(abspath $(TRITON_SPECS)) $(PY) -m pytest tests -q -ra \
+	  --ignore=tests/cuda_emu --ignore=tests/cuda_build
+
+# A second environment: the GPU machine's Triton over the main environment's packages.
+$(TRITON_GPU_VENV)/.installed: $(DEPS_STAMP)
+	rm -rf $(TRITON_GPU_VENV)
+	$(PY) -m venv $(TRITON_GPU_VENV)
+	$(TRITON_GPU_VENV)/bin/python -m pip install --quiet --no-deps "$(TRITON_GPU)"
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > $$($(TRITON_GPU_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/udat-main-env.pth
+	touch $@
+
+# Every recorded launch and every launch planned at the GPU target shapes, compiled for sm_90
+# with both Tritons; fails on compile errors, spills, TF32 dots and occupancy below design.
+triton-aot: setup $(TRITON_GPU_VENV)/.installed
+	test -s $(TRITON_SPECS) || { echo "$(TRITON_SPECS): no recorded launches (run make pytest)"; exit 1; }
+	env -u TRITON_INTERPRET $(PY) -m udat_kernels.triton_backend.aot --specs $(TRITON_SPECS) \
+	  --table build/triton-aot-installed.md
+	env -u TRITON_INTERPRET $(TRITON_GPU_VENV)/bin/python -m udat_kernels.triton_backend.aot \
+	  --specs $(TRITON_SPECS) --table build/triton-aot-gpu.md
 
 # The C++ tests, and the CUDA sources two ways: compiled by nvcc (the CMake CUDA target, where
 # nvcc and a CUDA torch are present) and run on the CPU under the checking emulator
@@ -60,4 +87,4 @@ bench: setup
 	$(PY) benchmarks/report.py
 
 clean:
-	rm -rf build build-cmake udat_kernels/_C*.so $(EXT_STAMP) $(VENV)/.editable
+	rm -rf build build-cmake udat_kernels/_C*.so $(EXT_STAMP) $(VENV)/.editable $(TRITON_GPU_VENV)

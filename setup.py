@@ -124,6 +124,8 @@ def extension():
         "csrc/margin_ce_autograd.cpp",
         "csrc/cpu/udat_ce_cpu.cpp",
         "csrc/cpu/row_kernels.cpp",
+        "csrc/cpu/gemm.cpp",
+        "csrc/cpu/gemm_bf16.cpp",
         "python/module.cpp",
     ]
     defines = [

@@ -2,8 +2,8 @@
 
     pytest benchmarks/ --benchmark-json=bench.json     # then: python -m benchmarks.report --from-json bench.json
 
-UDAT_BENCH_DEVICE=cuda runs the suites on the GPU; UDAT_BENCH_SIZES=full uses the sizes of the
-benchmark issue instead of the quick ones. Peak memory is measured in the test's own process and
+UDAT_BENCH_DEVICE=cuda runs the suites on the GPU; UDAT_BENCH_SIZES=full uses the full sizes
+(docs/benchmarks.md) instead of the quick ones. Peak memory is measured in the test's own process and
 stored in each benchmark's extra_info; `python -m benchmarks.report` measures it in a fresh
 process per pair instead.
 """

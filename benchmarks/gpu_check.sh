@@ -15,8 +15,10 @@
 #                the float64 reference
 #   new-tests    the tests this round added that need a GPU: the float32 precision policy under
 #                every global switch, non-finite inputs on every backend
-#   correctness  pytest tests/test_cuda.py tests/test_triton.py (compiled Triton, no interpreter),
-#                then the backends' own checks (compute-sanitizer for CUDA)
+#   correctness  pytest tests/test_cuda.py, and tests/test_triton.py (compiled Triton, no
+#                interpreter, its GPU subset) in four processes after a parallel warm-up of
+#                Triton's compile cache; then the backends' own checks (compute-sanitizer for
+#                CUDA)
 #   paper        paper heads (64, 1024, C) and bandwidth heads (65536, 1024, C)
 #   large        face-recognition heads (8192, 512, 10^4..10^6), bf16
 #   end-to-end   the full VGG16 at 224 with bf16 autocast, fused heads against eager heads
@@ -180,13 +182,30 @@ stage_new_tests() {
 
 stage_correctness() {
     gpu_or_skip "the GPU tests" || return $?
-    local tests=() rc=0 t
-    for t in tests/test_cuda.py tests/test_triton.py; do
+    local tests=() rc=0 t sel pids=()
+    for t in tests/test_cuda.py; do
         if [ -f "$t" ]; then tests+=("$t"); else echo "$t: not present"; fi
     done
+    # Triton: the compile cache filled in parallel first (one process per CPU), then the Triton
+    # tests in four processes (by launch path), each compiling what is left of its own kernels
+    # while the CUDA tests run.
+    if [ -f tests/test_triton.py ]; then
+        [ -f benchmarks/gpu_triton.py ] && GPU_CHECK_OUT=$DOCS/triton "$PY" -m benchmarks.gpu_triton \
+            --stages warm --budget-s 25
+        mkdir -p "$DOCS/triton"
+        for sel in single multi tiled "not single and not multi and not tiled"; do
+            "$PY" -m pytest -q -ra tests/test_triton.py tests/test_triton_precision.py -k "$sel" \
+                > "$DOCS/triton/pytest-${sel// /-}.log" 2>&1 &
+            pids+=($!)
+        done
+    else
+        echo "tests/test_triton.py: not present"
+    fi
     if [ ${#tests[@]} -gt 0 ]; then
         "$PY" -m pytest -q -ra "${tests[@]}" || rc=$?
     fi
+    for t in "${pids[@]}"; do wait "$t" || rc=1; done
+    [ ${#pids[@]} -gt 0 ] && tail -n 3 "$DOCS"/triton/pytest-*.log
     backend_scripts correctness || rc=$?
     return $rc
 }

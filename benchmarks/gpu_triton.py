@@ -1,10 +1,14 @@
 """The Triton stage of the GPU check: correctness, paper-size, bandwidth and
 large-C figures of backend="triton", printed row by row as they are measured.
 
-    python -m benchmarks.gpu_triton [--budget-s SECONDS] [--stages correctness,paper,...]
+    python -m benchmarks.gpu_triton [--budget-s SECONDS] [--stages warm,correctness,paper,...]
     python -m benchmarks.gpu_triton --smoke     # the same code on the CPU, tiny sizes
 
 Stages, in order; each is skipped (with a line saying so) when the deadline leaves it no time:
+  warm         the compile cache filled in parallel, one process per CPU: every specialization
+               the stages below and the GPU subset of tests/test_triton.py launch, planned on
+               meta tensors for this device (udat_kernels/triton_backend/plan.py), compiled
+               before anything runs, so that the later stages do not compile one by one;
   correctness  fp32/bf16/fp16 on a subset of the test matrix (small-C and tiled paths), against
                the float64 reference with the tolerances of docs/math.md;
   paper        (64, 1024, 2) and (64, 1024, 7): kernel launches of forward+backward (target
@@ -15,7 +19,9 @@ Stages, in order; each is skipped (with a line saying so) when the deadline leav
   largec       (8192, 512, 1e5) and (8192, 512, 1e6) bf16: fraction of the measured bf16 GEMM
                rate for the useful 3·2·B·C·D flops (target >= 50%), time vs torch.compile, and
                extra peak memory vs the eager reference (target <= 25% where it fits).
-Every timed step is forward + loss.backward() into x and the weight; extra peak memory is the
+Each measured figure is printed beside the one the performance model predicts
+(benchmarks/model_triton.py). Every timed step is forward + loss.backward() into x and the
+weight; extra peak memory is the
 maximum allocated during the step minus the memory allocated before it. The deadline is the
 sooner of --budget-s and GPU_CHECK_DEADLINE (epoch seconds); rows are also appended to
 GPU_CHECK_OUT/gpu_triton.log when GPU_CHECK_OUT is set.
@@ -35,7 +41,7 @@ import torch
 from benchmarks import harness, providers
 from benchmarks.harness import Case
 
-STAGES = ("correctness", "paper", "bandwidth", "largec")
+STAGES = ("warm", "correctness", "paper", "bandwidth", "largec")
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ GPU_PLAN = Plan(
     bandwidth=((65536, 1024, 2), (65536, 1024, 7)),
     largec=((8192, 512, 100_000), (8192, 512, 1_000_000)),
     baselines=("reference", "compile"),
-    stage_cost_s={"correctness": 20, "paper": 40, "bandwidth": 40, "largec": 90},
+    stage_cost_s={"warm": 10, "correctness": 15, "paper": 30, "bandwidth": 30, "largec": 60},
 )
 SMOKE_PLAN = Plan(
     device="cpu",
@@ -70,7 +76,7 @@ SMOKE_PLAN = Plan(
     bandwidth=((80, 64, 7),),
     largec=((32, 32, 100),),
     baselines=("reference",),
-    stage_cost_s={"correctness": 5, "paper": 5, "bandwidth": 5, "largec": 5},
+    stage_cost_s={"warm": 5, "correctness": 5, "paper": 5, "bandwidth": 5, "largec": 5},
 )
 
 
@@ -131,6 +137,55 @@ def stage_correctness(plan: Plan, deadline: float) -> bool:
     return ok
 
 
+def _planned_specs(plan_: Plan) -> dict:
+    """Every distinct specialization the later stages (and the GPU test subset's shapes) launch,
+    planned for this device on meta tensors."""
+    from udat_kernels.triton_backend import _runtime, plan
+
+    info = _runtime.device_info(torch.device(plan_.device))
+    calls = []
+    for B, D, C in plan_.correctness:
+        for dt in ("fp32", "bf16", "fp16"):
+            calls += [dict(B=B, D=D, C=C, dtype=dt, normalize=n) for n in (True, False)]
+    for B, D, C in plan_.paper + plan_.bandwidth:
+        calls += [dict(B=B, D=D, C=C, dtype=dt) for dt in ("fp32", "bf16")]
+    calls += [dict(B=B, D=D, C=C, dtype="bf16") for B, D, C in plan_.largec]
+    specs = {}
+    for c in calls:
+        for gif in (True, False):
+            rec = plan.plan(c["B"], c["D"], c["C"], c["dtype"], normalize=c.get("normalize", True),
+                            grad_in_forward=gif, info=info)
+            specs.update(rec.specs)
+    return specs
+
+
+def stage_warm(plan_: Plan, deadline: float) -> None:
+    """Fill the compile cache in parallel (the runtime then finds every kernel compiled)."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from udat_kernels.triton_backend import aot
+
+    specs = list(_planned_specs(plan_).values())
+    if plan_.device != "cuda":
+        say(f"warm: {len(specs)} specializations planned (nothing to compile under the "
+            f"interpreter)")
+        return
+    t0 = time.monotonic()
+    jobs = os.cpu_count() or 1
+    ctx = multiprocessing.get_context("spawn")  # CUDA is initialized: no fork
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        errors = [e for e in pool.map(aot.compile_into_cache, specs) if e]
+    say(f"warm: {len(specs)} specializations compiled in {time.monotonic() - t0:.1f} s with "
+        f"{jobs} processes" + (f"; {len(errors)} failed: {errors[:3]}" if errors else ""))
+
+
+def _model(case: Case):
+    from benchmarks import model_triton
+
+    return model_triton.step(case.B, case.D, case.C, case.dtype)
+
+
 def count_launches(case: Case) -> dict:
     """CUDA kernels (and memsets/copies) one forward+backward step of ours:triton launches."""
     from torch.profiler import ProfilerActivity, profile
@@ -181,10 +236,11 @@ def stage_paper(plan: Plan, deadline: float) -> None:
                     f"{len(launches['torch'])} torch kernels {launches['torch']} and "
                     f"{launches['memset_memcpy']} memset/memcpy")
             ours = _row(case, "ours:triton", on_gpu, 2.0)
-            if on_gpu:
-                g = ours.extra.get("graph_median_s", math.nan)
-                say(f"{case.label()} graph step target <= 30 us: "
-                    f"{'PASS' if g <= 30e-6 else 'MISS'} ({_fmt_s(g)})")
+            model = _model(case)
+            g = ours.extra.get("graph_median_s", math.nan)
+            say(f"{case.label()} graph step target <= 30 us: "
+                f"{'PASS' if g <= 30e-6 else 'MISS'} (measured {_fmt_s(g)}, modelled "
+                f"{_fmt_s(model.graph_s)}, {model.triton_launches} Triton launches modelled)")
             for impl in plan.baselines:
                 _row(case, impl, on_gpu, 1.0)
 
@@ -202,8 +258,14 @@ def stage_bandwidth(plan: Plan, deadline: float) -> None:
             floor_s = 3 * case.B * case.D * elem / bw
             ours = _row(case, "ours:triton", False, 2.0)
             frac = floor_s / ours.median_s if ours.status == "ok" else math.nan
+            model = _model(case)
+            from benchmarks import model_triton
+
+            mfrac = model_triton.three_pass_floor_s(B, D, dtype) / model.eager_s
             say(f"{case.label()} memory floor {_fmt_s(floor_s)}: {frac:.0%} of it, target "
-                f">= 70%: {'PASS' if frac >= 0.7 else 'MISS'}")
+                f">= 70%: {'PASS' if frac >= 0.7 else 'MISS'} (measured "
+                f"{_fmt_s(ours.median_s)}; modelled {_fmt_s(model.eager_s)}, {mfrac:.0%} of "
+                f"the model's floor)")
             for impl in plan.baselines:
                 _row(case, impl, False, 1.0)
 
@@ -220,8 +282,14 @@ def stage_largec(plan: Plan, deadline: float) -> None:
         ours = _row(case, "ours:triton", False, 3.0)
         useful = 3 * 2 * case.B * case.C * case.D
         frac = useful / ours.median_s / rate if ours.status == "ok" else math.nan
+        model = _model(case)
+        from benchmarks.model_params import H200
+
         say(f"{case.label()} {frac:.0%} of the bf16 GEMM rate, target >= 50%: "
-            f"{'PASS' if frac >= 0.5 else 'MISS'}")
+            f"{'PASS' if frac >= 0.5 else 'MISS'} (measured {_fmt_s(ours.median_s)}, extra peak "
+            f"{_fmt_b(ours.peak_mem_bytes)}; modelled {_fmt_s(model.eager_s)}, "
+            f"{useful / model.eager_s / H200['bf16_gemm_flop_per_s']:.0%}, extra peak "
+            f"{_fmt_b(model.extra_peak_bytes)}, {model.bytes_per_logit:.1f} B/logit)")
         for impl in plan.baselines:
             if time.monotonic() > deadline:
                 say(f"{case.label()} {impl}: skipped (deadline)")
@@ -240,7 +308,7 @@ def stage_largec(plan: Plan, deadline: float) -> None:
             torch.cuda.empty_cache()
 
 
-RUNNERS = {"correctness": stage_correctness, "paper": stage_paper,
+RUNNERS = {"warm": stage_warm, "correctness": stage_correctness, "paper": stage_paper,
            "bandwidth": stage_bandwidth, "largec": stage_largec}
 
 

@@ -71,18 +71,25 @@ def cpu_groups(name: str) -> list[Group]:
     if name == "quick":
         return [
             Group("smoke", "Smoke run: tiny sizes",
-                  _cases("arcface", [(64, 32, 7), (64, 32, 500)]),
+                  _cases("arcface", [(64, 32, 7), (64, 32, 500)])
+                  + _cases("arcface", [(64, 32, 500)], dtypes=("bf16",)),
                   ["ours:cpu", "reference", "insightface", "pml", "torch-lce"], budget_s=0.5),
             Group("sweep", "Smoke run: time and memory against C",
                   _cases("arcface", [(32, 16, 10), (32, 16, 100), (32, 16, 1000)]),
                   ["ours:cpu", "reference", "torch-lce"], budget_s=0.3, sweep=True),
         ]
     groups = [
-        Group("targets", "Large head of the core issue's targets: (1024, 512, 100000)",
+        Group("targets", "Large head of the CPU targets: (1024, 512, 100000)",
               _cases("arcface", [(1024, 512, 100_000)]), ["ours:cpu", "reference", "compile"],
               budget_s=12.0,
               notes=["ArcFace s=64, m=0.5, fp32, forward+backward through loss.backward()."]),
-        Group("small", "Small heads of the core issue's targets: B=256, D=512, C=2 and 7",
+        Group("targets-bf16", "The large head with bf16 x and W: (1024, 512, 100000)",
+              _cases("arcface", [(1024, 512, 100_000)], dtypes=("bf16",)),
+              ["ours:cpu", "reference", "compile"], budget_s=12.0,
+              notes=["ArcFace s=64, m=0.5, bf16 x and W (loss and sums in fp32), "
+                     "forward+backward; measured right after the fp32 rows above, against which "
+                     "the targets below compare it."]),
+        Group("small", "Small heads of the CPU targets: B=256, D=512, C=2 and 7",
               _cases("arcface", [(256, 512, 2), (256, 512, 7)]),
               ["ours:cpu", "reference", "insightface", "pml", "torch-lce"], budget_s=2.0,
               notes=["torch.compile is timed in the sweep and at C=100000 (each shape costs a "
@@ -103,7 +110,7 @@ def cpu_groups(name: str) -> list[Group]:
     if name == "default":
         return groups
     if name == "targets":
-        return groups[:2]
+        return groups[:3]
     if name == "full":
         face = [(B, 512, C) for B in (256, 1024) for C in (10_000, 100_000)]
         paper = [(B, 1024, C) for B in (64, 4096) for C in (2, 7)]
@@ -236,6 +243,15 @@ def cpu_target_lines(rows: list[Row]) -> list[str]:
     out.append(_check("(1024, 512, 100000) peak RSS growth, ours ÷ eager",
                       100 * ours.peak_mem_bytes / eager.peak_mem_bytes if ours and eager
                       else None, 25, False, unit="%"))
+    bf16 = dict(big, dtype="bf16")
+    ours16, comp16 = _find(rows, "ours:cpu", **bf16), _find(rows, "compile", **bf16)
+    out.append(_check("(1024, 512, 100000) bf16 fwd+bwd ÷ fp32 fwd+bwd, ours",
+                      ours16.median_s / ours.median_s if ours16 and ours else None, 0.5, False))
+    out.append(_check("(1024, 512, 100000) bf16 fwd+bwd, torch.compile ÷ ours",
+                      comp16.median_s / ours16.median_s if ours16 and comp16 else None, 2, True))
+    out.append(_check("(1024, 512, 100000) peak RSS growth, ours bf16 ÷ ours fp32",
+                      100 * ours16.peak_mem_bytes / ours.peak_mem_bytes if ours16 and ours
+                      else None, 100, False, unit="%"))
     for C in (2, 7):
         small = dict(op="arcface", B=256, D=512, C=C, dtype="fp32", mode="fwd+bwd")
         ours, eager = _find(rows, "ours:cpu", **small), _find(rows, "reference", **small)
@@ -245,7 +261,7 @@ def cpu_target_lines(rows: list[Row]) -> list[str]:
 
 
 def gpu_target_lines(rows: list[Row], ceilings: dict, shapes: set) -> list[str]:
-    """The GPU issues' targets for the (B, D, C) shapes in `shapes` (those this run measured)."""
+    """The GPU targets (docs/design.md, "Performance model") for the (B, D, C) shapes in `shapes` (those this run measured)."""
     out = []
     for impl, limit_us in (("ours:triton", 30), ("ours:cuda", 20)):
         for C in (2, 7):
@@ -348,15 +364,45 @@ def _cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
+# The CPU flags that decide which kernels run (ours and oneDNN's): vector width, bf16 units.
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
+              "amx_bf16", "amx_tile")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [fl for fl in _CPU_FLAGS if fl in have]
+    except OSError:
+        pass
+    return []
+
+
+def cpu_features_line(env: dict) -> str:
+    """One sentence: which CPU features the CPU backend used in this run."""
+    k = env.get("cpu_kernels") or {}
+    if not k:
+        return "CPU kernels: unknown (extension not built)."
+    bf16 = ("bf16 GEMMs on AVX-512 BF16 (vdpbf16ps, float32 sums)" if k.get("bf16_gemm") ==
+            "avx512_bf16" else "no bf16 GEMM (bf16 inputs took float32 GEMMs)")
+    return (f"CPU features: {', '.join(env.get('cpu_flags') or ['?'])}. Our CPU backend ran "
+            f"{bf16}; float32 GEMMs through {k.get('fp32_gemm')}; row loops "
+            f"{k.get('row_loops')}.")
+
+
 def environment(device: str) -> dict:
     env = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "torch": torch.__version__, "python": platform.python_version(),
            "machine": platform.machine(), "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "cpu": _cpu_name()}
+           "cpu_count": os.cpu_count(), "cpu": _cpu_name(), "cpu_flags": _cpu_flags()}
     try:
         import udat_kernels
 
         env["udat_kernels"] = udat_kernels.build_info()
+        env["cpu_kernels"] = udat_kernels._C_loader.cpu_kernels()
     except Exception as e:  # noqa: BLE001 - the report says what it ran against
         env["udat_kernels"] = f"unavailable: {e}"
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -456,6 +502,8 @@ def main(argv=None) -> int:
     where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
     print(f"# udat-kernels benchmark report\n\n`{command}` — {env['date']}, torch {env['torch']}, "
           f"{where}\n", flush=True)
+    if args.device == "cpu":
+        print(cpu_features_line(env) + "\n", flush=True)
     ceilings = {}
     requested = groups
     if no_device:
@@ -501,7 +549,10 @@ def main(argv=None) -> int:
         json.dump({"command": command, "environment": env, "ceilings": ceilings,
                    "rows": [r.to_json() for r in all_rows]}, f, indent=1)
     with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(f"`{command}` — {env['date']}\n\n" + "\n".join(md))
+        head = f"`{command}` — {env['date']}\n\n"
+        if args.device == "cpu":
+            head += cpu_features_line(env) + "\n\n"
+        f.write(head + "\n".join(md))
     return EXIT_NO_DEVICE if no_device else 0
 
 

@@ -35,6 +35,21 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                   const OptTensor& bias, const OptTensor& class_weight,
                   const OptTensor& sample_weight, const CeOptions& opt);
 
+// The shard mode (docs/math.md, "Class shards"; docs/design.md, "Shard mode"): `weight` holds
+// the classes [class_offset, class_offset + C_l) of num_classes; C_l may be 0. The same checks
+// as check_inputs, except that weight may be empty, bias is (C_l,) and class_weight is the whole
+// (num_classes,) vector; and 0 <= class_offset, class_offset + C_l <= num_classes, num_classes
+// >= 1. Targets are not range-checked: a row whose target is outside [0, num_classes) and not
+// ignore_index gets NaN outputs.
+void check_shard_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+                        const OptTensor& bias, const OptTensor& class_weight,
+                        const OptTensor& sample_weight, const CeOptions& opt,
+                        int64_t class_offset, int64_t num_classes);
+
+// The per-row inputs of the shard backward: grad_rows and lse, both floating point, (B,), on
+// x's device.
+void check_shard_rows(const at::Tensor& x, const at::Tensor& grad_rows, const at::Tensor& lse);
+
 // float64 when x or weight is float64, float32 otherwise: the dtype of loss and lse.
 at::ScalarType loss_dtype(const at::Tensor& x, const at::Tensor& weight);
 
@@ -44,5 +59,6 @@ int64_t env_knob(const char* name, int64_t fallback, int64_t min_value = 1);
 
 using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using ShardFwdResult = std::tuple<at::Tensor, at::Tensor>;  // (lse_local, partial)
 
 }  // namespace udat

@@ -2,6 +2,9 @@
 // definitions live in csrc/), and it reports how it was built.
 #include <pybind11/pybind11.h>
 
+#include "cpu/gemm.h"
+#include "cpu/row_kernels.h"
+
 #ifndef UDAT_VERSION
 #define UDAT_VERSION "0+unknown"
 #endif
@@ -30,4 +33,12 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   }, "How this extension was compiled: version, torch, cpu, cuda, cuda_archs.");
+  m.def("cpu_kernels", []() {
+    py::dict info;
+    info["row_loops"] = udat::cpu::row_loops_isa();
+    info["bf16_gemm"] = udat::cpu::bf16_gemm_available() ? "avx512_bf16" : "none";
+    info["fp32_gemm"] = udat::cpu::gemm_f32_provider();
+    return info;
+  }, "What the CPU kernels run on this machine: row_loops (avx512, avx2+fma, baseline x86-64), "
+     "bf16_gemm (avx512_bf16, or none: bf16 inputs then take the float32 GEMMs) and fp32_gemm.");
 }

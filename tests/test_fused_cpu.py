@@ -3,7 +3,12 @@ keyword, row-block boundaries, extremes of the cosine, zero vectors, empty and N
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -214,3 +219,78 @@ def test_small_pass_does_not_depend_on_thread_count(C):
         torch.set_num_threads(threads)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+
+
+@contextlib.contextmanager
+def fastest_float32_switches():
+    """Every float32 precision switch at its fastest value (restored afterwards): the legacy
+    matmul precision, and the generic, oneDNN and oneDNN-matmul fp32_precision settings."""
+    saved_legacy = torch.get_float32_matmul_precision()
+    targets = [(torch.backends, "fp32_precision", "tf32")]
+    mkldnn = torch.backends.mkldnn
+    targets += [(mkldnn, "fp32_precision", "bf16")]
+    if hasattr(mkldnn, "matmul"):
+        targets += [(mkldnn.matmul, "fp32_precision", "bf16")]
+    targets = [(obj, name, value) for obj, name, value in targets if hasattr(obj, name)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
+    try:
+        torch.set_float32_matmul_precision("medium")
+        for obj, name, value in targets:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+        torch.set_float32_matmul_precision(saved_legacy)
+
+
+def test_float32_gemms_ignore_precision_switches():
+    """float32 inputs get float32 GEMMs whatever the precision switches say (docs/math.md,
+    "Precision policy for float32"). On this CPU the switches send a plain torch.mm to a bf16
+    oneDNN GEMM (checked first); the backend's results must not change by a bit."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 512, generator=g), torch.randn(512, 300, generator=g)
+    plain = torch.mm(a, b)
+    with fastest_float32_switches():
+        switched = torch.mm(a, b)
+    if torch.equal(plain, switched):
+        pytest.skip("the float32 precision switches do not change torch.mm on this CPU")
+    assert uk._C_loader.cpu_kernels()["fp32_gemm"] == "blas sgemm"
+    cases = [(64, 130, 1000, True), (64, 130, 1000, False), (37, 65, 7, True),
+             (300, 512, 3000, True)]
+    for B, D, C, angular in cases:
+        x, w, t = make_inputs(B, D, C, seed=B + C)
+        bias = torch.randn(C, generator=g) if not angular else None
+        kwargs = {"backend": "cpu", "bias": bias, "grl_lambda": 0.5}
+        default = run_loss(fn(angular), x, w, t, **kwargs)
+        with fastest_float32_switches():
+            out, _ = check_against_reference(fn(angular), x, w, t, angular=angular, **kwargs)
+        for a_, b_ in zip(default, out):
+            assert torch.equal(a_, b_), (B, D, C, angular)
+
+
+def test_avx2_row_loops():
+    """The 8-lane row loops, which CPUs without AVX-512 run, in a process that asks for them
+    (UDAT_CPU_ROW_LOOPS is read once): the small-C pass and the row blocks, float32 and bf16."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx2" not in flags:
+        pytest.skip("this CPU has no AVX2")
+    script = textwrap.dedent("""
+        import torch, udat_kernels as uk
+        from helpers import check_against_reference, make_inputs
+        assert uk._C_loader.cpu_kernels()["row_loops"] == "avx2+fma"
+        for B, D, C, dt in [(33, 130, 7, torch.float32), (64, 33, 1000, torch.float32),
+                            (64, 33, 1000, torch.bfloat16)]:
+            for angular in (True, False):
+                fn = uk.angular_margin_cross_entropy if angular else uk.linear_cross_entropy
+                x, w, t = make_inputs(B, D, C, x_dtype=dt, w_dtype=dt, seed=C)
+                check_against_reference(fn, x, w, t, angular=angular, backend="cpu",
+                                        label_smoothing=0.1)
+        """)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, UDAT_CPU_ROW_LOOPS="avx2",
+               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
+                                           os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

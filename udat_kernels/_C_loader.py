@@ -29,3 +29,10 @@ def build_info() -> dict:
     if _module is None:
         return {"version": None, "torch": None, "cpu": False, "cuda": False, "cuda_archs": ""}
     return dict(_module.build_info())
+
+
+def cpu_kernels() -> dict:
+    """What the C++ CPU kernels run on this machine (row loops, bf16 GEMM, float32 GEMM)."""
+    if _module is None or not hasattr(_module, "cpu_kernels"):
+        return {}
+    return dict(_module.cpu_kernels())

@@ -4,6 +4,8 @@ Every fused backend implements the op pair of docs/design.md (`margin_ce_fwd`, `
 the differentiable loss op `margin_ce` calls a pair by name and holds the one autograd formula
 (C++, csrc/margin_ce_autograd.cpp). This module gives each pair its fake (meta) implementation
 through `register_fakes`: the C++ pair here, the Triton pair in udat_kernels.triton_backend.
+The shard mode's pair (`margin_ce_shard_fwd`, `margin_ce_shard_bwd`; docs/design.md, "Shard
+mode") gets its fakes through `register_shard_fakes` alike.
 """
 
 from __future__ import annotations
@@ -54,6 +56,33 @@ def _loss_fake(x, weight, target, bias, class_weight, sample_weight, grl_lambda,
     return _loss_like(x, weight, reduction)
 
 
+def _shard_fwd_fake(x, weight, target, bias, class_weight, sample_weight, class_offset,
+                    num_classes, normalize, scale, margin, cos_margin, label_smoothing,
+                    ignore_index, straight_through):
+    torch._check(x.dim() == 2 and weight.dim() == 2 and weight.shape[1] == x.shape[1],
+                 lambda: "x (B, D) and weight_shard (C_l, D) must share D")
+    torch._check(target.dim() == 1 and target.shape[0] == x.shape[0],
+                 lambda: "target must be (B,)")
+    acc = _loss_dtype(x, weight)
+    return x.new_empty((x.shape[0],), dtype=acc), x.new_empty((x.shape[0],), dtype=acc)
+
+
+def _shard_bwd_fake(grad_rows, x, weight, target, bias, class_weight, sample_weight, lse,
+                    grl_lambda, class_offset, num_classes, normalize, scale, margin, cos_margin,
+                    label_smoothing, ignore_index, straight_through):
+    acc = _loss_dtype(x, weight)
+    return (x.new_empty(x.shape, dtype=acc), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape) if bias is not None else x.new_empty((0,), dtype=acc))
+
+
+def register_shard_fakes(fwd_name: str, bwd_name: str) -> None:
+    """Fake (meta) implementations of a shard-mode pair with the schema of
+    margin_ce_shard_fwd/_bwd: (lse, partial) (B,) in the loss dtype; grad x (B, D) in the loss
+    dtype, grad W like the shard, grad b like the bias (empty (0,) without one)."""
+    torch.library.register_fake(fwd_name)(_shard_fwd_fake)
+    torch.library.register_fake(bwd_name)(_shard_bwd_fake)
+
+
 def register_fakes(fwd_name: str, bwd_name: str) -> None:
     """Fake (meta) implementations of an op pair with the schema of margin_ce_fwd/_bwd.
 
@@ -67,6 +96,9 @@ def register_fakes(fwd_name: str, bwd_name: str) -> None:
 _LOSS_OP = None
 if _C_loader.available():
     register_fakes("udat_kernels::margin_ce_fwd", "udat_kernels::margin_ce_bwd")
+    if hasattr(torch.ops.udat_kernels, "margin_ce_shard_fwd"):  # absent from an older build
+        register_shard_fakes("udat_kernels::margin_ce_shard_fwd",
+                             "udat_kernels::margin_ce_shard_bwd")
     torch.library.register_fake("udat_kernels::margin_ce")(_loss_fake)
     _LOSS_OP = torch.ops.udat_kernels.margin_ce.default
 

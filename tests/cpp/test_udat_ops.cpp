@@ -236,6 +236,76 @@ static void test_cpu_op() {
   }
 }
 
+// The shard mode (docs/math.md, "Class shards"): two shards of the classes, combined by plain
+// loops, give the ordinary op's loss and gradients; a bad target gives NaN, not an exception;
+// an offset outside the problem is a ValueError naming class_offset.
+static void test_shard_op() {
+  const int64_t B = 9, D = 6, C = 5, cut = 2;
+  auto [x, w, t] = near_centre_inputs(B, D, C, 2);
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor cw = at::rand({C}, opts) + 0.5;
+  const double s = 16.0, m = 0.4, eps = 0.1;
+  using Opt = const std::optional<at::Tensor>&;
+  auto& dispatcher = c10::Dispatcher::singleton();
+  auto sfwd = dispatcher.findSchemaOrThrow("udat_kernels::margin_ce_shard_fwd", "")
+                  .typed<std::tuple<at::Tensor, at::Tensor>(
+                      const at::Tensor&, const at::Tensor&, const at::Tensor&, Opt, Opt, Opt,
+                      int64_t, int64_t, bool, double, double, double, double, int64_t, bool)>();
+  auto sbwd = dispatcher.findSchemaOrThrow("udat_kernels::margin_ce_shard_bwd", "")
+                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      Opt, Opt, Opt, const at::Tensor&, Opt, int64_t, int64_t, bool, double,
+                      double, double, double, int64_t, bool)>();
+  const at::Tensor w1 = w.narrow(0, 0, cut), w2 = w.narrow(0, cut, C - cut);
+  auto [l1, q1] = sfwd.call(x, w1, t, std::nullopt, cw, std::nullopt, 0, C, true, s, m, 0.0, eps,
+                            -100, false);
+  auto [l2, q2] = sfwd.call(x, w2, t, std::nullopt, cw, std::nullopt, cut, C, true, s, m, 0.0,
+                            eps, -100, false);
+  // loss_i = (a_i + b·W)·lse_i + q1_i + q2_i with lse_i = log(exp(l1_i) + exp(l2_i)).
+  at::Tensor lse = at::empty({B}, opts);
+  double total = 0, denom = 0;
+  const double wsum = cw.sum().item<double>();
+  for (int64_t i = 0; i < B; ++i) {
+    const double a = l1[i].item<double>(), b = l2[i].item<double>(), hi = std::fmax(a, b);
+    lse[i] = hi + std::log(std::exp(a - hi) + std::exp(b - hi));
+    const double wy = cw[t[i].item<int64_t>()].item<double>();
+    total += ((1 - eps) * wy + eps / C * wsum) * lse[i].item<double>() + q1[i].item<double>() +
+             q2[i].item<double>();
+    denom += wy;
+  }
+  CHECK_NEAR(total / denom, naive_loss(x, w, t, cw, s, m, eps), 1e-10);
+  auto whole = fwd_op().call(x, w, t, std::nullopt, cw, std::nullopt, std::nullopt, true, s, m,
+                             0.0, eps, -100, /*mean*/ 1, false, true);
+  const at::Tensor rows = at::full({B}, 1.0 / denom, opts);
+  auto [gx1, gw1, gb1] = sbwd.call(rows, x, w1, t, std::nullopt, cw, std::nullopt, lse,
+                                   std::nullopt, 0, C, true, s, m, 0.0, eps, -100, false);
+  auto [gx2, gw2, gb2] = sbwd.call(rows, x, w2, t, std::nullopt, cw, std::nullopt, lse,
+                                   std::nullopt, cut, C, true, s, m, 0.0, eps, -100, false);
+  CHECK_NEAR((gx1 + gx2 - std::get<2>(whole)).abs().max().item<double>(), 0.0, 1e-12);
+  CHECK_NEAR((at::cat({gw1, gw2}) - std::get<3>(whole)).abs().max().item<double>(), 0.0, 1e-12);
+  // A target outside [0, C): that row's partial is NaN on every shard, the others stay finite.
+  at::Tensor bad = t.clone();
+  bad[3] = C + 1;
+  auto [l3, q3] = sfwd.call(x, w2, bad, std::nullopt, cw, std::nullopt, cut, C, true, s, m, 0.0,
+                            eps, -100, false);
+  if (!std::isnan(q3[3].item<double>()) || at::isnan(q3).sum().item<int64_t>() != 1) {
+    std::printf("FAIL: a bad target did not give exactly one NaN partial\n");
+    ++failures;
+  }
+  bool raised = false;
+  try {
+    sfwd.call(x, w2, t, std::nullopt, cw, std::nullopt, cut + 1, C, true, s, m, 0.0, eps, -100,
+              false);
+  } catch (const c10::ValueError& e) {
+    raised = std::string(e.what()).find("class_offset") != std::string::npos;
+  }
+  if (!raised) {
+    std::printf("FAIL: a shard past the last class did not raise a ValueError naming "
+                "class_offset\n");
+    ++failures;
+  }
+}
+
 // The loss op's autograd (margin_ce_autograd.cpp): both ways to the gradient give the forward
 // op's gradient times the upstream one, and differentiating that gradient again raises.
 static void test_loss_op_autograd() {
@@ -278,6 +348,7 @@ int main() {
   test_margin_math();
   test_lse_non_finite();
   test_cpu_op();
+  test_shard_op();
   test_loss_op_autograd();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);

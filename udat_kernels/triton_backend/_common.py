@@ -14,6 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._runtime import COUNTS, Cost, launch
+
+# Software-pipelining depth (Triton's default on CUDA) of the kernels that do not choose their
+# own: passed explicitly, and recorded, so that the ahead-of-time compile builds what runs.
+NUM_STAGES = 3
+
 
 def interpreting() -> bool:
     """Whether Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
@@ -94,15 +100,16 @@ def row_scale(target_ptr, sw_ptr, gloss_ptr, rows, row_ok, B, C, ignore_index, i
 
 
 @triton.jit
-def denominator_sum(target_ptr, cw_ptr, sw_ptr, B, C, ignore_index,
+def denominator_sum(target_ptr, cw_ptr, sw_ptr, lo, hi, C, ignore_index,
                     HAS_CW: tl.constexpr, HAS_SW: tl.constexpr, BLOCK: tl.constexpr):
-    """Sum over rows not ignored of v_i * w_{y_i}: the mean's denominator (fixed order)."""
+    """Sum over rows lo <= i < hi not ignored of v_i * w_{y_i}: the mean's denominator (fixed
+    order)."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, B, BLOCK):
+    for start in range(lo, hi, BLOCK):
         rows = start + offs
-        tgt = tl.load(target_ptr + rows, mask=rows < B, other=ignore_index)
-        valid = (rows < B) & (tgt != ignore_index)
+        tgt = tl.load(target_ptr + rows, mask=rows < hi, other=ignore_index)
+        valid = (rows < hi) & (tgt != ignore_index)
         term = valid.to(tl.float32)
         if HAS_SW:
             term = term * tl.load(sw_ptr + rows, mask=valid, other=0.0).to(tl.float32)
@@ -115,10 +122,36 @@ def denominator_sum(target_ptr, cw_ptr, sw_ptr, B, C, ignore_index,
 
 
 @triton.jit
-def _mean_denominator_kernel(target_ptr, cw_ptr, sw_ptr, out_ptr, B, C, ignore_index,
+def last_program(count_ptr):
+    """True in the one program that arrives last at the counter (arrival_counter: zero before
+    the launch; the last program sets it back to zero when it is done).
+
+    The partials the other programs stored before their arrival are visible to it: the
+    counter's atomic add orders them (acquire-release, GPU scope) and they are read volatile.
+    """
+    return tl.atomic_add(count_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1
+
+
+@triton.jit
+def sum_partials(ptr, n, stride, BLOCK: tl.constexpr):
+    """Σ_{p < n} ptr[p · stride] in a fixed order (volatile loads: other programs' stores)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p0 in range(0, n, BLOCK):
+        acc += tl.load(ptr + (p0 + offs) * stride, mask=p0 + offs < n, other=0.0, volatile=True)
+    return tl.sum(acc, 0)
+
+
+@triton.jit(do_not_specialize=COUNTS)
+def _mean_denominator_kernel(target_ptr, cw_ptr, sw_ptr, part_ptr, B, C, ignore_index, SPAN,
                              HAS_CW: tl.constexpr, HAS_SW: tl.constexpr, BLOCK: tl.constexpr):
-    tl.store(out_ptr, denominator_sum(target_ptr, cw_ptr, sw_ptr, B, C, ignore_index,
-                                      HAS_CW, HAS_SW, BLOCK))
+    """Partials of the mean's denominator: program p sums rows [p·SPAN, (p+1)·SPAN). Their
+    readers add them in program order (sum_partials): deterministic, and no counter to zero."""
+    pid = tl.program_id(0)
+    lo = pid * SPAN
+    tl.store(part_ptr + pid, denominator_sum(target_ptr, cw_ptr, sw_ptr, lo,
+                                             tl.minimum(lo + SPAN, B), C, ignore_index,
+                                             HAS_CW, HAS_SW, BLOCK))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,31 +178,46 @@ class MarginConsts:
                 self.cos_margin)
 
 
-def mean_denominator(target, class_weight, sample_weight, C, ignore_index) -> torch.Tensor:
-    """Sum of v_i w_{y_i} over rows not ignored, as a float32 0-dim tensor (one launch)."""
-    out = torch.empty((), dtype=torch.float32, device=target.device)
+def mean_denominator(target, class_weight, sample_weight, C, ignore_index):
+    """(partials, n): n float32 partial sums of v_i w_{y_i} over rows not ignored, whose sum in
+    order is the mean's denominator (one launch of at most 64 programs)."""
     B = target.shape[0]
     block = min(1024, max(16, triton.next_power_of_2(B)))
-    _mean_denominator_kernel[(1,)](
-        target, class_weight if class_weight is not None else target,
-        sample_weight if sample_weight is not None else target, out, B, C, ignore_index,
-        HAS_CW=class_weight is not None, HAS_SW=sample_weight is not None, BLOCK=block)
-    return out
+    span = max(block, triton.cdiv(triton.cdiv(B, 64), block) * block)
+    P = triton.cdiv(B, span)
+    part = torch.empty((P,), dtype=torch.float32, device=target.device)
+    launch(_mean_denominator_kernel, (P,),
+           (target, class_weight if class_weight is not None else target,
+            sample_weight if sample_weight is not None else target, part, B, C, ignore_index,
+            span),
+           dict(HAS_CW=class_weight is not None, HAS_SW=sample_weight is not None, BLOCK=block),
+           num_warps=4, num_stages=NUM_STAGES,
+           cost=Cost(bytes=B * 16, inflight=block * 16 * (NUM_STAGES - 1), barriers=4))
+    return part, P
 
 
-def dot_fp32(x, weight) -> bool:
+_COUNTERS: dict = {}
+
+
+def arrival_counter(device: torch.device) -> torch.Tensor:
+    """An int32 zero for last_program, one per device and stream, allocated once: the last
+    program of each launch resets it, so that no fill is launched per call. Launches on one
+    stream run in order, so they never share it at the same time."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (str(device), stream)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = torch.zeros((1,), dtype=torch.int32, device=device)
+    return counter
+
+
+def dot_fp32(x, weight, info) -> bool:
     """Whether the logits tiles upcast to fp32 (IEEE) instead of a native half-precision dot."""
     if x.dtype != weight.dtype or x.dtype == torch.float32:
         return True
     # The interpreter's bf16 dot multiplies raw bits (numpy has no bf16); bf16 products are
     # exact in fp32, so upcasting there gives the tensor-core result.
-    return x.dtype == torch.bfloat16 and interpreting()
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    return x.dtype == torch.bfloat16 and not info.gpu
 
 
 def dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

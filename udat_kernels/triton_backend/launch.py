@@ -12,6 +12,7 @@ import torch
 
 from . import small_c, tiled
 from ._common import MarginConsts
+from ._runtime import device_guard
 
 _HALF_OR_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -85,6 +86,15 @@ def margin_ce_fwd(x, weight, target, bias, class_weight, sample_weight, grl_lamb
                   straight_through, compute_grad):
     """The forward op: (loss, lse, grad_x, grad_weight, grad_bias); see docs/design.md."""
     _check(x, weight, target, bias, class_weight, sample_weight, grl_lambda, normalize)
+    with device_guard(x.device):
+        return _fwd(x, weight, target, bias, class_weight, sample_weight, grl_lambda, normalize,
+                    scale, margin, cos_margin, label_smoothing, ignore_index, reduction,
+                    straight_through, compute_grad)
+
+
+def _fwd(x, weight, target, bias, class_weight, sample_weight, grl_lambda, normalize, scale,
+         margin, cos_margin, label_smoothing, ignore_index, reduction, straight_through,
+         compute_grad):
     if x.shape[0] == 0:
         return _empty_batch(x, weight, bias, reduction, compute_grad)
     x, weight, target, bias, cw, sw = _contiguous(x, weight, target, bias, class_weight,
@@ -110,6 +120,15 @@ def margin_ce_bwd(grad_loss, x, weight, target, bias, class_weight, sample_weigh
                   ignore_index, reduction, straight_through):
     """The backward op: (grad_x, grad_weight, grad_bias) for the upstream grad_loss."""
     _check(x, weight, target, bias, class_weight, sample_weight, grl_lambda, normalize)
+    with device_guard(x.device):
+        return _bwd(grad_loss, x, weight, target, bias, class_weight, sample_weight, lse,
+                    grl_lambda, normalize, scale, margin, cos_margin, label_smoothing,
+                    ignore_index, reduction, straight_through)
+
+
+def _bwd(grad_loss, x, weight, target, bias, class_weight, sample_weight, lse, grl_lambda,
+         normalize, scale, margin, cos_margin, label_smoothing, ignore_index, reduction,
+         straight_through):
     if x.shape[0] == 0:
         return _zero_grads(x, weight, bias)
     x, weight, target, bias, cw, sw = _contiguous(x, weight, target, bias, class_weight,
