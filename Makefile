@@ -48,9 +48,12 @@ demo: setup
 test: setup pytest ctest triton-aot
 
 # The Triton kernels' launches are recorded (their specializations) for triton-aot.
+# tests/cuda_emu and tests/cuda_build need the CMake build (emulation libraries, ptxas's
+# reports): ctest runs them.
 pytest: setup
 	mkdir -p build && rm -f $(TRITON_SPECS)
-	UDAT_TRITON_SPECS=$(abspath $(TRITON_SPECS)) $(PY) -m pytest tests -q -ra
+	UDAT_TRITON_SPECS=$(abspath $(TRITON_SPECS)) $(PY) -m pytest tests -q -ra \
+	  --ignore=tests/cuda_emu --ignore=tests/cuda_build
 
 # A second environment: the GPU machine's Triton over the main environment's packages.
 $(TRITON_GPU_VENV)/.installed: $(DEPS_STAMP)
@@ -70,10 +73,15 @@ triton-aot: setup $(TRITON_GPU_VENV)/.installed
 	env -u TRITON_INTERPRET $(TRITON_GPU_VENV)/bin/python -m udat_kernels.triton_backend.aot \
 	  --specs $(TRITON_SPECS) --table build/triton-aot-gpu.md
 
+# The C++ tests, and the CUDA sources two ways: compiled by nvcc (the CMake CUDA target, where
+# nvcc and a CUDA torch are present) and run on the CPU under the checking emulator
+# (tests/cuda_emu: its tests, an AddressSanitizer build and the mutant builds).
 ctest: setup
-	cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) > /dev/null
+	cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DUDAT_WITH_CUDA=$$($(PY) -c "import shutil, torch; print('ON' if shutil.which('nvcc') and torch.version.cuda else 'OFF')") \
+	  -DUDAT_CUDA_ARCHS="$(UDAT_CUDA_ARCHS)" > /dev/null
 	cmake --build build-cmake -j $(MAX_JOBS)
-	ctest --test-dir build-cmake --output-on-failure
+	ctest --test-dir build-cmake --output-on-failure -j $(MAX_JOBS)
 
 bench: setup
 	$(PY) benchmarks/report.py

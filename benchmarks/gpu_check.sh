@@ -1,32 +1,42 @@
 #!/usr/bin/env bash
-# The one GPU script: build the extension, run the GPU tests, run the GPU benchmarks, print a
-# short table. Run from the repository root on a machine with a CUDA GPU:
+# The one GPU script: build the extension, run the new checks first, then the GPU tests and
+# benchmarks, and print the measured figures beside the modelled ones last. Run from the
+# repository root on a machine with a CUDA GPU:
 #
 #     bash benchmarks/gpu_check.sh
 #
-# Stages, in this order, each printing as it goes, under one global deadline (GPU_CHECK_BUDGET_S,
-# default 300 s): a stage that the deadline leaves too little time for is skipped and says so, and
-# each stage is cut off by `timeout` at the deadline.
-#   1 build        pip install --no-build-isolation --no-deps -e . (UDAT_CUDA_ARCHS, default 9.0),
-#                  plus Liger-Kernel / cut-cross-entropy from ./wheels when that folder exists
-#   2 correctness  pytest tests/test_cuda.py, and tests/test_triton.py (compiled Triton, no
-#                  interpreter, its GPU subset) in four processes after a parallel warm-up of
-#                  Triton's compile cache; then the backends' own checks
-#   3 paper        paper heads (64, 1024, C) and bandwidth heads (65536, 1024, C)
-#   4 large        face-recognition heads (8192, 512, 10^4..10^6), bf16
-#   5 end-to-end   the full VGG16 at 224 with bf16 autocast, fused heads against eager heads
+# The stages, their order and their time are the STAGES table below, the one stage budget of the
+# script (the CUDA and Triton checks share it): a stage runs for at most its cap, is skipped when
+# the global deadline (GPU_CHECK_BUDGET_S, default 300 s, build included) leaves it less than it
+# needs, and says so; RESERVE_S are kept for the closing tables.
+#   build        pip install --no-build-isolation --no-deps -e . (UDAT_CUDA_ARCHS, default 9.0),
+#                plus Liger-Kernel / cut-cross-entropy from ./wheels when that folder exists
+#   selfcheck    python -m udat_kernels.info: the build, the device, every backend checked against
+#                the float64 reference
+#   new-tests    the tests this round added that need a GPU: the float32 precision policy under
+#                every global switch, non-finite inputs on every backend
+#   correctness  pytest tests/test_cuda.py, and tests/test_triton.py (compiled Triton, no
+#                interpreter, its GPU subset) in four processes after a parallel warm-up of
+#                Triton's compile cache; then the backends' own checks (compute-sanitizer for
+#                CUDA)
+#   paper        paper heads (64, 1024, C) and bandwidth heads (65536, 1024, C)
+#   large        face-recognition heads (8192, 512, 10^4..10^6), bf16
+#   end-to-end   the full VGG16 at 224 with bf16 autocast, fused heads against eager heads
+# and, last, the summary, the targets, and every CUDA target measured against modelled
+# (benchmarks/gpu_cuda.py compare, from benchmarks/model_cuda.py).
 #
-# Each backend adds its own checks to stages 2-4: benchmarks/gpu_triton.py (its stages
-# correctness; paper,bandwidth; largec) and benchmarks/gpu_cuda.py (correctness, paper, large),
-# each given the seconds left in the stage (--budget-s), the stage's deadline (GPU_CHECK_DEADLINE,
-# epoch seconds) and a folder for its files (GPU_CHECK_OUT). A script that is absent is reported
-# as such.
+# Each backend adds its own checks to stages correctness, paper and large:
+# benchmarks/gpu_triton.py (its stages correctness; paper,bandwidth; largec) and
+# benchmarks/gpu_cuda.py (correctness, paper, large), each given the seconds left in the stage
+# (--budget-s), the stage's deadline (GPU_CHECK_DEADLINE, epoch seconds) and a folder for its
+# files (GPU_CHECK_OUT). A script that is absent is reported as such.
 #
 # GPU_CHECK_SKIP_BUILD=1 uses the extension already built in place instead of rebuilding it.
-# Without a GPU every stage still runs as far as it can and says what it could not do.
+# Without a GPU every stage still runs as far as it can and says what it could not do (exit
+# status 3 of a stage: nothing measured).
 #
-# Everything printed is kept in docs/gpu/ (gpu_check.log and one folder per benchmark stage) and,
-# when $OUT is set, copied there too.
+# Everything printed is kept in GPU_CHECK_DOCS (default docs/gpu: gpu_check.log and one folder
+# per benchmark stage) and, when $OUT is set, copied there too.
 
 set -u
 cd "$(dirname "$0")/.."
@@ -35,16 +45,35 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-300}
 GPU_CHECK_SKIP_BUILD=${GPU_CHECK_SKIP_BUILD:-0}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
-RESERVE_S=10                      # kept for the final table
+RESERVE_S=10                      # kept for the closing tables
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 export UDAT_CUDA_ARCHS=${UDAT_CUDA_ARCHS:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 unset TRITON_INTERPRET
 
-DOCS=docs/gpu
+# The stage budget: name, seconds it needs to start, seconds it may take, command.
+# (Sum of the caps + RESERVE_S <= 300: the whole check fits five minutes on an H200.)
+# The caps are estimates until an H200 runs the script; correctness holds the Triton compile
+# cache's warm-up (at most 25 s) before its tests, which run beside the CUDA tests.
+STAGES="
+build          30  110  stage_build
+selfcheck      10   15  stage_selfcheck
+new-tests      10   20  stage_new_tests
+correctness    30   45  stage_correctness
+paper          30   40  stage_bench gpu-paper paper
+large          30   40  stage_bench gpu-large large
+end-to-end     10   15  stage_e2e
+"
+
+DOCS=${GPU_CHECK_DOCS:-docs/gpu}
 mkdir -p "$DOCS"
-rm -rf "$DOCS/paper" "$DOCS/large" "$DOCS/triton" "$DOCS/cuda" "$DOCS/end_to_end.md"
+# The files of an earlier run are replaced as the stages write them; of what is left over, only
+# files git does not track are removed (never a committed result; outside a git checkout,
+# nothing is removed).
+if git -C "$DOCS" rev-parse --is-inside-work-tree > /dev/null 2>&1; then
+    git -C "$DOCS" clean -fdq -- paper large triton cuda end_to_end.md 2> /dev/null || true
+fi
 LOG=$DOCS/gpu_check.log
 : > "$LOG"
 STATUS_FILE=$(mktemp)
@@ -82,6 +111,14 @@ run_stage() {
     say "--- $name: $status in $(( $(date +%s) - t0 )) s"
     echo "$name|$status|$(( $(date +%s) - t0 ))" >> "$STATUS_FILE"
     return 0
+}
+
+# gpu_or_skip WHAT: exit status 3 (nothing measured) and a line saying so, without a CUDA device.
+gpu_or_skip() {
+    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "no CUDA device: $1 not run"
+        return 3
+    fi
 }
 
 # backend_scripts STAGE: the backends' own checks of this stage, within the stage's deadline.
@@ -134,7 +171,19 @@ stage_build() {
         || echo "no CUDA device visible: the stages below will say what they could not do"
 }
 
+stage_selfcheck() {
+    gpu_or_skip "the GPU self-check (on the CPU: python -m udat_kernels.info --device cpu)" \
+        || return $?
+    "$PY" -m udat_kernels.info --device cuda
+}
+
+stage_new_tests() {
+    gpu_or_skip "the new GPU tests" || return $?
+    "$PY" -m pytest -q -ra tests/test_precision_fp32.py tests/test_non_finite.py
+}
+
 stage_correctness() {
+    gpu_or_skip "the GPU tests" || return $?
     local tests=() rc=0 t sel pids=()
     for t in tests/test_cuda.py; do
         if [ -f "$t" ]; then tests+=("$t"); else echo "$t: not present"; fi
@@ -165,6 +214,7 @@ stage_correctness() {
 
 stage_bench() {
     local set=$1 stage=$2 rc=0
+    gpu_or_skip "the $stage benchmarks" || return $?
     # the side-by-side comparison gets half of the stage, the backends' own checks the rest
     "$PY" -m benchmarks.report --device cuda --set "$set" --out "$DOCS/$stage" \
         --time-limit $((STAGE_LIMIT_S / 2)) || rc=$?
@@ -173,6 +223,7 @@ stage_bench() {
 }
 
 stage_e2e() {
+    gpu_or_skip "the end-to-end run" || return $?
     "$PY" -m benchmarks.end_to_end --device cuda --preset vgg16 --amp bf16 --steps 5 \
         > "$DOCS/end_to_end.md"
     local rc=$?
@@ -181,20 +232,24 @@ stage_e2e() {
 }
 
 export PY DOCS DEADLINE RESERVE_S GPU_CHECK_SKIP_BUILD
-export -f backend_scripts stage_build stage_correctness stage_bench stage_e2e
+export -f gpu_or_skip backend_scripts stage_build stage_selfcheck stage_new_tests \
+    stage_correctness stage_bench stage_e2e
 
 say "udat-kernels GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), budget ${BUDGET_S} s"
-#         name        need cap  command
-run_stage build       30   300  stage_build
-if grep -q '^build|ok|' "$STATUS_FILE"; then
-    run_stage correctness 20   60   stage_correctness
-    run_stage paper       30   80   stage_bench gpu-paper paper
-    run_stage large       40   110  stage_bench gpu-large large
-    run_stage end-to-end  20   40   stage_e2e
-else
-    say "the build did not succeed: the GPU stages are skipped"
-    for s in correctness paper large end-to-end; do echo "$s|skipped (no build)|0" >> "$STATUS_FILE"; done
-fi
+built=1
+while read -r name need cap cmd; do
+    [ -z "$name" ] && continue
+    if [ "$built" = 0 ]; then
+        echo "$name|skipped (no build)|0" >> "$STATUS_FILE"
+        continue
+    fi
+    # shellcheck disable=SC2086  # the command's words are split on purpose
+    run_stage "$name" "$need" "$cap" $cmd
+    if [ "$name" = build ] && ! grep -q '^build|ok|' "$STATUS_FILE"; then
+        say "the build did not succeed: the GPU stages are skipped"
+        built=0
+    fi
+done <<< "$STAGES"
 
 say ""
 say "=== summary ($(( $(date +%s) - START )) s of ${BUDGET_S} s) ==="
@@ -214,6 +269,9 @@ if [ -n "$BACKEND_TARGETS" ]; then
     say "targets, the backends' own checks:"
     say "$BACKEND_TARGETS"
 fi
+# Last: every CUDA target, measured (by the stages above) against modelled.
+say ""
+GPU_CHECK_OUT=$DOCS/cuda timeout 20 "$PY" -m benchmarks.gpu_cuda compare 2>&1 | tee -a "$LOG"
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT" && cp -r "$DOCS"/. "$OUT"/ && say "(copied $DOCS to \$OUT)"
 fi

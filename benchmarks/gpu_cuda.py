@@ -1,5 +1,6 @@
 """The CUDA stage of the GPU check: sanitizer runs, paper-size, bandwidth and large-C
-figures of backend="cuda", printed row by row as they are measured.
+figures of backend="cuda", printed row by row as they are measured, and at the end the measured
+figures beside the ones the model predicts (benchmarks/model_cuda.py).
 
     python benchmarks/gpu_cuda.py STAGE [STAGE ...] [--budget-s SECONDS]
 
@@ -7,15 +8,18 @@ STAGE is one of gpu_check.sh's stages, each mapped to the checks of this backend
   correctness  compute-sanitizer memcheck and racecheck on tiny cases of every kernel path (a bad
                target with validate=False included), where the tool is installed;
   paper        (64, 1024, 2) and (64, 1024, 7): our kernel launches per forward+backward (target
-               <= 2) and the step time by CUDA-graph replay (target <= 20 µs); then
-               (65536, 1024, 2) and (65536, 1024, 7): fraction of the memory floor, three passes
-               over B×D at the measured copy bandwidth (target >= 80%);
-  large        (8192, 512, 100000) bf16: time against three cuBLAS GEMMs of the same shapes
-               (target <= 1.5×) and extra peak memory against the eager reference (target <= 25%).
+               <= 2, over more than one block) and the step time by CUDA-graph replay (target
+               <= 20 µs); then (65536, 1024, 2) and (65536, 1024, 7): fraction of the memory
+               floor, three passes over B×D at the measured copy bandwidth (target >= 80%);
+  large        (8192, 512, 1e5) and (8192, 512, 1e6) bf16: time against three cuBLAS GEMMs of the
+               same shapes (target <= 1.6×) and extra peak memory against the eager reference
+               (target <= 25%; where eager does not fit, against one logits block: <= 2×);
+  compare      every target: modelled, measured (from the stages above, or "not measured").
 Every measured step is forward + loss.backward() into x and the weight, side by side with the
 Triton backend, the eager reference and torch.compile of it. The deadline is GPU_CHECK_DEADLINE
 (epoch seconds) when set, else now + --budget-s; a check that it leaves no time for says so.
-Rows are also written as JSON lines to $GPU_CHECK_OUT/cuda_<stage>.jsonl when that is set.
+Rows are also written as JSON lines to $GPU_CHECK_OUT/cuda_<stage>.jsonl, and the figures the
+compare stage reads to $GPU_CHECK_OUT/cuda_measured.json, when GPU_CHECK_OUT is set.
 """
 
 from __future__ import annotations
@@ -38,12 +42,28 @@ import torch  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import Case  # noqa: E402
 
-STAGES = ("correctness", "paper", "large")
+STAGES = ("correctness", "paper", "large", "compare")
 BASELINES = ("ours:triton", "reference", "compile")
 # torch.compile's first call compiles (tens of seconds a shape): its rows run only with this
 # much time left, and once per shape.
 COMPILE_NEEDS_S = 120
 _ROWS: list[dict] = []
+
+
+def record(key: str, value: float) -> None:
+    """A measured figure of a model target (benchmarks/model_cuda.py's keys), for `compare`."""
+    out = os.environ.get("GPU_CHECK_OUT")
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "cuda_measured.json")
+    data = {}
+    if os.path.exists(path):
+        with open(path) as fh:
+            data = json.load(fh)
+    data[key] = value
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
 
 
 def say(*parts) -> None:
@@ -221,10 +241,13 @@ def stage_paper(deadline: Deadline) -> None:
                 say(f"{case.label()} launches: {n} of ours {launches['ours']}, target <= 2: "
                     f"{_verdict(n <= 2)}; besides them {len(launches['torch'])} torch kernels "
                     f"{launches['torch']} and {launches['memset_memcpy']} memset/memcpy")
+                record(f"paper-launches C={C} {dtype}", n)
             except Exception as e:  # noqa: BLE001 - report, then time it anyway
                 say(f"{case.label()} launches: not counted ({type(e).__name__}: {e})")
             ours = _row(case, "ours:cuda", graph=True, budget_s=2.0)
             g = ours.extra.get("graph_median_s", math.nan)
+            if g == g:
+                record(f"paper-step C={C} {dtype}", g)
             say(f"{case.label()} graph step target <= 20 us: {_verdict(g <= 20e-6)} "
                 f"({_fmt_s(g)}{', ' + ours.extra['graph_error'] if 'graph_error' in ours.extra else ''})")
             for impl in deadline.baselines(case, dtype == "fp32"):
@@ -243,6 +266,8 @@ def stage_paper(deadline: Deadline) -> None:
             frac = floor_s / ours.median_s if ours.status == "ok" else math.nan
             say(f"{case.label()} memory floor {_fmt_s(floor_s)}: {frac:.0%} of it, target "
                 f">= 80%: {_verdict(frac >= 0.8)}")
+            if frac == frac:
+                record(f"bandwidth C={C} {dtype}", frac)
             for impl in deadline.baselines(case, dtype == "fp32"):
                 row = _row(case, impl)
                 if row.status == "ok" and ours.status == "ok" and impl == "ours:triton":
@@ -256,32 +281,93 @@ def stage_paper(deadline: Deadline) -> None:
 
 
 def stage_large(deadline: Deadline) -> None:
-    case = Case("arcface", 8192, 512, 100_000, dtype="bf16", device="cuda")
-    if not deadline.allows(30, case.label()):
-        return
-    gemms = harness.three_gemms_time(case.B, case.D, case.C, torch.bfloat16)
-    say(f"{case.label()} three cuBLAS GEMMs (logits, grad x, grad W): {_fmt_s(gemms)}")
-    ours = _row(case, "ours:cuda", budget_s=3.0)
-    if ours.status == "ok":
-        ratio = ours.median_s / gemms
-        say(f"{case.label()} {ratio:.2f}x the three GEMMs, target <= 1.5x: {_verdict(ratio <= 1.5)}")
-    for impl in deadline.baselines(case, True):
-        if not deadline.allows(20, f"{case.label()} {impl}"):
-            continue
-        base = _row(case, impl, budget_s=2.0)
-        if base.status != "ok" or ours.status != "ok":
-            say(f"{case.label()} vs {impl}: not comparable ({base.status})")
-            continue
-        line = (f"{case.label()} vs {impl}: speedup {base.median_s / ours.median_s:.2f}x, "
-                f"extra peak memory {ours.peak_mem_bytes / base.peak_mem_bytes:.0%} of it")
-        if impl == "reference":
-            line += (" (target <= 25%: "
-                     f"{_verdict(ours.peak_mem_bytes <= 0.25 * base.peak_mem_bytes)})")
+    from benchmarks import model_cuda
+
+    for C in (100_000, 1_000_000):
+        case = Case("arcface", 8192, 512, C, dtype="bf16", device="cuda")
+        if not deadline.allows(30, case.label()):
+            return
+        gemms = harness.three_gemms_time(case.B, case.D, case.C, torch.bfloat16)
+        say(f"{case.label()} three cuBLAS GEMMs (logits, grad x, grad W): {_fmt_s(gemms)}")
+        free_before = torch.cuda.mem_get_info()[0]
+        ours = _row(case, "ours:cuda", budget_s=3.0)
+        if ours.status == "ok":
+            ratio = ours.median_s / gemms
+            say(f"{case.label()} {ratio:.2f}x the three GEMMs, target <= 1.6x: "
+                f"{_verdict(ratio <= 1.6)}")
+            record(f"large-ratio C={C:.0e}", ratio)
+        eager = model_cuda.eager_extra_bytes(case.B, C)
+        if ours.status == "ok" and eager > free_before:
+            # eager cannot run here: the path's extra peak against one of its logits blocks
+            d = model_cuda.LargeDesign("measured", "memory", "beta1", 2, 32, free_bytes=free_before)
+            block = model_cuda.large_block_rows(d, case.B, case.D, C, 2) * C * 4
+            frac = ours.peak_mem_bytes / block
+            say(f"{case.label()} extra peak {_fmt_b(ours.peak_mem_bytes)}, {frac:.2f}x one logits "
+                f"block (eager does not fit), target <= 2x: {_verdict(frac <= 2)}")
+            record(f"large-memory C={C:.0e}", frac)
+        for impl in deadline.baselines(case, C == 100_000):
+            if eager > free_before and impl != "ours:triton":
+                say(f"{case.label()} {impl}: skipped, it needs about {_fmt_b(eager)}")
+                continue
+            if not deadline.allows(20, f"{case.label()} {impl}"):
+                continue
+            base = _row(case, impl, budget_s=2.0)
+            if base.status != "ok" or ours.status != "ok":
+                say(f"{case.label()} vs {impl}: not comparable ({base.status})")
+                continue
+            line = (f"{case.label()} vs {impl}: speedup {base.median_s / ours.median_s:.2f}x, "
+                    f"extra peak memory {ours.peak_mem_bytes / base.peak_mem_bytes:.0%} of it")
+            if impl == "reference":
+                frac = ours.peak_mem_bytes / base.peak_mem_bytes
+                line += f" (target <= 25%: {_verdict(frac <= 0.25)})"
+                record(f"large-memory C={C:.0e}", frac)
+            say(line)
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# measured against modelled
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_target(key: str, v) -> str:
+    if v is None or v != v:
+        return "not measured"
+    if key.startswith("paper-step"):
+        return f"{v * 1e6:.1f} us"
+    if key.startswith("paper-launches"):
+        return f"{int(v)} launches"
+    if key.startswith("bandwidth") or key.startswith("large-memory C=1e+05"):
+        return f"{v:.1%}"
+    return f"{v:.2f}"
+
+
+def compare_table(measured: dict) -> list[str]:
+    """Every CUDA target: modelled (design "redesign") beside measured."""
+    from benchmarks import model_cuda
+
+    lines = ["| target | goal | modelled | measured |", "|---|---|---|---|"]
+    for row in model_cuda.targets("redesign"):
+        key = row["key"]
+        modelled = row["modelled"]
+        lines.append(f"| {row['target']} | {row['goal']} | {_fmt_target(key, modelled)} | "
+                     f"{_fmt_target(key, measured.get(key))} |")
+    return lines
+
+
+def stage_compare(deadline: Deadline) -> None:
+    out = os.environ.get("GPU_CHECK_OUT")
+    measured = {}
+    if out and os.path.exists(os.path.join(out, "cuda_measured.json")):
+        with open(os.path.join(out, "cuda_measured.json")) as fh:
+            measured = json.load(fh)
+    say("measured against modelled (H200 model, benchmarks/model_cuda.py):")
+    for line in compare_table(measured):
         say(line)
-        torch.cuda.empty_cache()
 
 
-RUNNERS = {"correctness": stage_correctness, "paper": stage_paper, "large": stage_large}
+RUNNERS = {"correctness": stage_correctness, "paper": stage_paper, "large": stage_large,
+           "compare": stage_compare}
 
 
 def main(argv=None) -> int:
@@ -295,9 +381,12 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown stages {unknown}; expected {STAGES}")
     deadline = Deadline(args.budget_s)
+    if args.stages == ["compare"]:  # needs no GPU: what was measured, beside the model
+        stage_compare(deadline)
+        return 0
     if not torch.cuda.is_available():
         say("skipped: no CUDA device")
-        return 0
+        return 3
     from udat_kernels import dispatch
 
     probe = torch.zeros(1, 1, device="cuda")

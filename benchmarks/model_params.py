@@ -45,4 +45,13 @@ H200 = {
     # assumed: one HBM round trip, and one block-wide barrier with its shared-memory traffic
     "dram_latency_s": 0.6e-6,
     "barrier_s": 0.05e-6,
+    # assumed: what one SM moves on its own per second (loads from L2 or HBM with enough in
+    # flight, 64 B a clock at about 1.6 GHz): the rate of a phase that runs on few SMs, such as a
+    # small batch or the last block's reduction of partials
+    "sm_bytes_per_s": 100e9,
+    # measured (on the CPU: the same autograd graph): extra peak memory of the eager reference
+    # (udat_kernels.reference, forward + backward) per element of the (B, C) logits, 25.3 to 26.0
+    # bytes for float32 and bfloat16 inputs at B = 512 and 1024, C = 20000
+    # (benchmarks.harness.measure(Case("arcface", B, 64, C, device="cpu"), "reference"))
+    "eager_extra_bytes_per_logit": 25.5,
 }

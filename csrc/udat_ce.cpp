@@ -136,6 +136,9 @@ at::ScalarType loss_dtype(const at::Tensor& x, const at::Tensor& weight) {
 
 }  // namespace udat
 
+// The emulation build of the CUDA sources (tests/cuda_emu) links this file for its argument
+// checks only: it is loaded beside udat_kernels._C, which defines the schema.
+#if !defined(UDAT_CUDA_EMULATION)
 TORCH_LIBRARY(udat_kernels, m) {
   m.def(
       "margin_ce_fwd(Tensor x, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
@@ -175,3 +178,4 @@ TORCH_LIBRARY_IMPL(udat_kernels, Autograd, m) {
   m.impl("margin_ce_shard_fwd", torch::CppFunction::makeFallthrough());
   m.impl("margin_ce_shard_bwd", torch::CppFunction::makeFallthrough());
 }
+#endif  // !UDAT_CUDA_EMULATION

@@ -119,7 +119,8 @@ def test_keywords(path, C, name, angular):
                                    (129, 2052, 5), (4096, 128, 3), (65, 8, 9), (257, 96, 3000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_ids)
 def test_sizes(B, D, C, dtype):
-    """The paper's heads, the limits of the fused kernel (D = 2048, C = 8) and just past them."""
+    """The paper's heads, the limits of the fused kernel (D = 2048 for two classes, 1024 for
+    up to eight) and past them (the GEMM path)."""
     x, w, t = _inputs(B, D, C, dtype, seed=B + C)
     for angular in (True, False):
         _check(angular, x, w, t, label_smoothing=0.1, grl_lambda=0.5)

@@ -5,11 +5,11 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "../margin_math.h"
+#include "device_api.cuh"
 
 namespace udat {
 namespace cuda {
@@ -66,6 +66,26 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
+
+// A vector load or store at p, which must be aligned to the vector's size: the hardware faults
+// otherwise, and the emulation checks it (x86 would not mind).
+template <typename V, typename T>
+__device__ __forceinline__ V load_vec(const T* p) {
+  UDAT_CHECK_VECTOR_ACCESS(p, sizeof(V));
+  return *reinterpret_cast<const V*>(p);
+}
+template <typename V, typename T>
+__device__ __forceinline__ void store_vec(T* p, const V& v) {
+  UDAT_CHECK_VECTOR_ACCESS(p, sizeof(V));
+  *reinterpret_cast<V*>(p) = v;
+}
+
+// A value another block wrote and published (last-block-done): read past L1, which is not
+// coherent across SMs.
+template <typename T>
+__device__ __forceinline__ T load_cg(const T* p) {
+  return UDAT_LOAD_CG(p);
+}
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

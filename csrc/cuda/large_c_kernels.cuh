@@ -50,66 +50,107 @@ struct EpilogueArgs {
   A* loss_rows;     // forward: (B,)
   bool want_grad;
   A* u_out;         // (B,) t_i / |x_i|² (0 when not projected)
+  bool vec;         // float32 rows of logits and gradient allow 16-byte loads (and stores)
 };
 
-// The fused epilogue of one row: a block per row.
+// What the epilogue knows of its row, and the logit of one column of it.
+template <typename A>
+struct EpilogueRow {
+  const RowArgs<A>* r;
+  const A* w_inv;
+  RowTarget t;
+  A inv_n;
+  RowCoef<A> rc;
+  A lse, k, dpsi;
+
+  // The logit of column j from its GEMM value v, and its cosine (angular) for the gradient.
+  __device__ __forceinline__ A logit(A v, int64_t j, A& c) const {
+    if (r->normalize) {
+      c = v * inv_n * w_inv[j];
+      return r->mp.scale * ((t.valid && j == t.y) ? margin_psi(c, r->mp) : c);
+    }
+    c = v;
+    return v + (r->bias ? r->bias[j] : A(0));
+  }
+
+  // Pass 1: the column into the running log-sum-exp (and the smoothing's weighted sum).
+  __device__ __forceinline__ void push(A v, int64_t j, A& m, A& s, A& wz) const {
+    A c;
+    const A z = logit(v, j, c);
+    lse_push(m, s, z);
+    if (rc.b != A(0)) wz += class_w(*r, j) * z;
+  }
+
+  // Pass 2: the column's G'_ij, and its share of t_i.
+  template <typename G>
+  __device__ __forceinline__ G gradient(A v, int64_t j, A& tsum) const {
+    A c;
+    const A z = logit(v, j, c);
+    const bool is_t = t.valid && j == t.y;
+    const A delta = k * row_delta(rc, exp(z - lse), is_t, class_w(*r, j));
+    A g = delta;
+    if (r->normalize) {
+      g = r->mp.scale * delta * (is_t ? dpsi : A(1));
+      tsum += g * c;
+      g *= inv_n * w_inv[j];
+    }
+    return static_cast<G>(g);
+  }
+};
+
+// The fused epilogue of one row: a block per row; columns of float32 logits in 16-byte vectors
+// where the rows allow it (more bytes in flight), else one by one (float64: always).
 template <typename A, typename G>
 __global__ void __launch_bounds__(kEpilogueThreads)
     epilogue_kernel(const EpilogueArgs<A, G> a) {
-  __shared__ A scratch_m[kWarp];
-  __shared__ A scratch_s[kWarp];
+  UDAT_SHARED(A, scratch_m, kWarp);
+  UDAT_SHARED(A, scratch_s, kWarp);
+  constexpr int V = sizeof(A) == 4 ? 4 : 1;
   const RowArgs<A>& r = a.row;
-  const MarginParams<A>& mp = r.mp;
   const int64_t C = r.C;
   const int64_t i = a.r0 + blockIdx.x;
   const A* lrow = a.logits + int64_t(blockIdx.x) * C;
-  const RowTarget t = read_target(r, i);
-
-  A inv_n = A(1);
+  EpilogueRow<A> e;
+  e.r = &r;
+  e.w_inv = a.w_inv;
+  e.t = read_target(r, i);
+  e.inv_n = A(1);
   bool proj = false;
   if (r.normalize) {
-    inv_n = inv_norm(a.x_ss[i]);
+    e.inv_n = inv_norm(a.x_ss[i]);
     proj = norm_projects(a.x_ss[i]);
   }
-  // The logit of column j, and its cosine (angular) for the gradient.
-  auto logit = [&](int64_t j, A& c) -> A {
-    if (r.normalize) {
-      c = lrow[j] * inv_n * a.w_inv[j];
-      return mp.scale * ((t.valid && j == t.y) ? margin_psi(c, mp) : c);
-    }
-    c = lrow[j];
-    return lrow[j] + (r.bias ? r.bias[j] : A(0));
-  };
-
   const A wsum = weight_sum(r);
-  const A wy = t.valid ? class_w(r, t.y) : A(0);
-  const RowCoef<A> rc = row_coef<A>(wy, wsum, r.smoothing, C);
+  const A wy = e.t.valid ? class_w(r, e.t.y) : A(0);
+  e.rc = row_coef<A>(wy, wsum, r.smoothing, C);
   // The target column, read by every thread before the gradient overwrites the row in place.
   A c_y = A(0), z_y = A(0);
-  if (t.valid) z_y = logit(t.y, c_y);
+  if (e.t.valid) z_y = e.logit(lrow[e.t.y], e.t.y, c_y);
 
-  A lse;
   if (a.lse_in) {
-    lse = a.lse_in[i];
+    e.lse = a.lse_in[i];
   } else {
     A m = -INFINITY, s = A(0), wz = A(0);
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-      A c;
-      const A z = logit(j, c);
-      lse_push(m, s, z);
-      if (rc.b != A(0)) wz += class_w(r, j) * z;
+    if (a.vec) {
+      for (int64_t jv = threadIdx.x; jv < C / V; jv += blockDim.x) {
+        const auto lv = load_vec<Vec<A, V>>(lrow + jv * V);
+#pragma unroll
+        for (int q = 0; q < V; ++q) e.push(lv.v[q], jv * V + q, m, s, wz);
+      }
+    } else {
+      for (int64_t j = threadIdx.x; j < C; j += blockDim.x) e.push(lrow[j], j, m, s, wz);
     }
     block_lse(m, s, scratch_m, scratch_s);
-    lse = lse_finish(m, s);
-    if (rc.b != A(0)) wz = block_sum(wz, scratch_m);
+    e.lse = lse_finish(m, s);
+    if (e.rc.b != A(0)) wz = block_sum(wz, scratch_m);
     if (threadIdx.x == 0) {
       A loss = A(0);
-      if (t.valid) {
-        loss = sample_w(r, i) * row_loss(rc, lse, z_y, wsum, wz);
-      } else if (t.bad) {
+      if (e.t.valid) {
+        loss = sample_w(r, i) * row_loss(e.rc, e.lse, z_y, wsum, wz);
+      } else if (e.t.bad) {
         loss = A(NAN);
       }
-      a.lse_out[i] = lse;
+      a.lse_out[i] = e.lse;
       a.loss_rows[i] = loss;
     }
   }
@@ -120,26 +161,27 @@ __global__ void __launch_bounds__(kEpilogueThreads)
     for (int p = 0; p < a.gs.n_divisor_parts; ++p) div += a.gs.divisor_parts[p];
   }
   const A inv_div = a.gs.divisor_parts ? inv_divisor(div) : A(1);
-  const A k = row_k(r, a.gs, t, i, inv_div);
-  const A dpsi = r.normalize && t.valid ? margin_dpsi(c_y, mp) : A(1);
+  e.k = row_k(r, a.gs, e.t, i, inv_div);
+  e.dpsi = r.normalize && e.t.valid ? margin_dpsi(c_y, r.mp) : A(1);
   __syncthreads();  // every read of the target column comes before the in-place writes
   G* grow = a.g_out + int64_t(blockIdx.x) * C;
   A tsum = A(0);
-  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-    A c;
-    const A z = logit(j, c);
-    const bool is_t = t.valid && j == t.y;
-    const A delta = k * row_delta(rc, exp(z - lse), is_t, class_w(r, j));
-    A g = delta;
-    if (r.normalize) {
-      g = mp.scale * delta * (is_t ? dpsi : A(1));
-      tsum += g * c;
-      g *= inv_n * a.w_inv[j];
+  // In place when G is A: each thread writes only what it has just read.
+  if (a.vec) {
+    for (int64_t jv = threadIdx.x; jv < C / V; jv += blockDim.x) {
+      const auto lv = load_vec<Vec<A, V>>(lrow + jv * V);
+      Vec<G, V> out;
+#pragma unroll
+      for (int q = 0; q < V; ++q) out.v[q] = e.template gradient<G>(lv.v[q], jv * V + q, tsum);
+      store_vec(grow + jv * V, out);
     }
-    grow[j] = static_cast<G>(g);  // in place: read above by this same thread
+  } else {
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+      grow[j] = e.template gradient<G>(lrow[j], j, tsum);
+    }
   }
   if (r.normalize) tsum = block_sum(tsum, scratch_m);
-  if (threadIdx.x == 0) a.u_out[i] = proj ? tsum * inv_n * inv_n : A(0);
+  if (threadIdx.x == 0) a.u_out[i] = proj ? tsum * e.inv_n * e.inv_n : A(0);
 }
 
 // grad x of rows [r0, r0 + n): x_scale · (gx − u_i x_i), in x's dtype.
@@ -165,7 +207,7 @@ template <typename A>
 __global__ void __launch_bounds__(kRowThreads)
     finish_grad_w_kernel(const A* acc, const void* w, DType w_t, const A* w_ss, int64_t D,
                          bool normalize, void* grad_w, DType gw_t) {
-  __shared__ A scratch[kWarp];
+  UDAT_SHARED(A, scratch, kWarp);
   const int64_t j = blockIdx.x;
   const A* arow = acc + j * D;
   if (!normalize) {

@@ -5,16 +5,21 @@
 // not range-checked here (that needs a sync; the Python layer does it when validate=True), and a
 // bad target gives its row a NaN loss without ever being used as an index.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/Dispatch.h>
+
+#if !defined(UDAT_CUDA_EMULATION)
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 
+#include "host_api.h"
 #include "margin_ce_cuda.h"
 
 namespace udat {
@@ -38,26 +43,46 @@ constexpr int kReduceThreads = 512;
 constexpr int64_t kDivisorMaxParts = 256;
 constexpr int64_t kDivisorRowsPerPart = 2048;
 
-// A device attribute of the current device, read once per device.
+// A device attribute of the current device, read once per device (the emulated device's change
+// between tests: read every time).
 int cached_attribute(std::atomic<int>* cache, cudaDeviceAttr attr) {
   int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < kMaxDevices) {
+  UDAT_CUDA_CHECK(cudaGetDevice(&dev));
+#if defined(UDAT_CUDA_EMULATION)
+  cache = nullptr;
+#endif
+  if (cache && dev < kMaxDevices) {
     const int v = cache[dev].load(std::memory_order_relaxed);
     if (v > 0) return v;
   }
   int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, dev));
-  if (dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
+  UDAT_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, dev));
+  if (cache && dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
   return v;
 }
 
 std::atomic<int> g_sm_count[kMaxDevices];
 std::atomic<int> g_smem_optin[kMaxDevices];
 
+#if !defined(UDAT_CUDA_EMULATION)
+// Counters of the last-block-done trees: one zeroed allocation per device, never freed. A kernel
+// leaves its counters zeroed (atomicInc wraps), so the launches of one stream, which run one after
+// the other, share a range; a launch captured into a CUDA graph gets a range of its own, so that
+// the graph may replay on any stream.
+constexpr int64_t kCounterPool = int64_t(1) << 20;
+constexpr int64_t kCountersPerLaunch = 4096;
+struct CounterPool {
+  unsigned* base = nullptr;
+  int64_t next = 0;
+  std::unordered_map<cudaStream_t, int64_t> by_stream;
+};
+std::mutex g_counter_mutex;
+CounterPool g_counter_pools[kMaxDevices];
+#endif
+
 template <typename A>
 __global__ void divisor_parts_kernel(const RowArgs<A> r, int64_t chunk, A* out) {
-  __shared__ A scratch[kWarp];
+  UDAT_SHARED(A, scratch, kWarp);
   const int64_t lo = int64_t(blockIdx.x) * chunk;
   const int64_t hi = r.B < lo + chunk ? r.B : lo + chunk;
   A s = A(0);
@@ -69,7 +94,7 @@ __global__ void divisor_parts_kernel(const RowArgs<A> r, int64_t chunk, A* out) 
 template <typename A>
 __global__ void reduce_loss_kernel(const A* loss_parts, int64_t n_loss, const A* div_parts,
                                    int64_t n_div, int reduction, A* out) {
-  __shared__ A scratch[kWarp];
+  UDAT_SHARED(A, scratch, kWarp);
   A total = A(0), div = A(0);
   for (int64_t p = threadIdx.x; p < n_loss; p += blockDim.x) total += loss_parts[p];
   total = block_sum(total, scratch);
@@ -87,6 +112,51 @@ __global__ void reduce_loss_kernel(const A* loss_parts, int64_t n_loss, const A*
 }  // namespace
 
 int device_sm_count() { return cached_attribute(g_sm_count, cudaDevAttrMultiProcessorCount); }
+
+#if !defined(UDAT_CUDA_EMULATION)
+int64_t device_free_bytes() {
+  size_t free_bytes = 0, total_bytes = 0;
+  UDAT_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  int dev = 0;
+  UDAT_CUDA_CHECK(cudaGetDevice(&dev));
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(dev);
+  const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  const int64_t cached = stats.reserved_bytes[all].current - stats.allocated_bytes[all].current;
+  return int64_t(free_bytes) + std::max<int64_t>(0, cached);
+}
+
+unsigned* counter_slots(int64_t n) {
+  TORCH_CHECK(n <= kCountersPerLaunch, "counter_slots: ", n, " counters asked for, at most ",
+              kCountersPerLaunch);
+  int dev = 0;
+  UDAT_CUDA_CHECK(cudaGetDevice(&dev));
+  TORCH_CHECK(dev < kMaxDevices, "counter_slots: device ", dev, " beyond ", kMaxDevices);
+  const cudaStream_t stream = current_stream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  UDAT_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const std::lock_guard<std::mutex> lock(g_counter_mutex);
+  CounterPool& pool = g_counter_pools[dev];
+  if (!pool.base) {
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+                "udat_kernels: the first fused loss on a device cannot run inside CUDA-graph "
+                "capture; run it once before capturing (the usual warm-up)");
+    UDAT_CUDA_CHECK(cudaMalloc(&pool.base, kCounterPool * sizeof(unsigned)));
+    UDAT_CUDA_CHECK(cudaMemset(pool.base, 0, kCounterPool * sizeof(unsigned)));
+    UDAT_CUDA_CHECK(cudaDeviceSynchronize());  // once per device and process
+  }
+  auto take = [&]() {
+    TORCH_CHECK(pool.next + kCountersPerLaunch <= kCounterPool,
+                "udat_kernels: out of last-block counters (too many captured graphs)");
+    const int64_t at = pool.next;
+    pool.next += kCountersPerLaunch;
+    return at;
+  };
+  if (capture != cudaStreamCaptureStatusNone) return pool.base + take();
+  auto it = pool.by_stream.find(stream);
+  if (it == pool.by_stream.end()) it = pool.by_stream.emplace(stream, take()).first;
+  return pool.base + it->second;
+}
+#endif
 
 int64_t device_smem_optin() {
   return cached_attribute(g_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin);
@@ -117,11 +187,13 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& weight, const at::Te
 template <typename A>
 RowArgs<A> row_args(const Problem& P) {
   RowArgs<A> r{};
-  r.target = P.target.data_ptr<int64_t>();
-  r.class_weight = P.class_weight.defined() ? P.class_weight.data_ptr<A>() : nullptr;
-  r.sample_weight = P.sample_weight.defined() ? P.sample_weight.data_ptr<A>() : nullptr;
-  r.bias = P.bias.defined() ? P.bias.data_ptr<A>() : nullptr;
-  r.wsum = P.wsum.defined() ? P.wsum.data_ptr<A>() : nullptr;
+  r.target = dev_ptr<const int64_t>(P.target, "target");
+  r.class_weight = P.class_weight.defined() ? dev_ptr<const A>(P.class_weight, "class_weight")
+                                            : nullptr;
+  r.sample_weight =
+      P.sample_weight.defined() ? dev_ptr<const A>(P.sample_weight, "sample_weight") : nullptr;
+  r.bias = P.bias.defined() ? dev_ptr<const A>(P.bias, "bias") : nullptr;
+  r.wsum = P.wsum.defined() ? dev_ptr<const A>(P.wsum, "class weight sum") : nullptr;
   r.B = P.B;
   r.C = P.C;
   r.D = P.D;
@@ -137,14 +209,15 @@ RowArgs<A> row_args(const Problem& P) {
 template <typename A>
 GradScale<A> grad_scale(const Problem& P, const Pass& pass, const at::Tensor& divisor_parts) {
   GradScale<A> g{};
-  g.upstream = pass.upstream.defined() ? pass.upstream.data_ptr<A>() : nullptr;
+  g.upstream = pass.upstream.defined() ? dev_ptr<const A>(pass.upstream, "grad_loss") : nullptr;
   g.per_row = P.opt.reduction == Reduction::None;
-  g.divisor_parts = divisor_parts.defined() ? divisor_parts.data_ptr<A>() : nullptr;
+  g.divisor_parts =
+      divisor_parts.defined() ? dev_ptr<const A>(divisor_parts, "divisor parts") : nullptr;
   g.n_divisor_parts = divisor_parts.defined() ? static_cast<int>(divisor_parts.numel()) : 0;
   g.x_scale_host = A(1);
   if (pass.lambda.defined()) {
-    if (pass.lambda.is_cuda()) {
-      g.lambda = pass.lambda.data_ptr();
+    if (pass.lambda.device() == P.x.device()) {
+      g.lambda = dev_ptr<const void>(pass.lambda, "grl_lambda");
       g.lambda_dtype = dtype_code(pass.lambda.scalar_type());
     } else {
       // A host λ: reading it costs no device sync.
@@ -165,26 +238,27 @@ at::Tensor divisor_partials(const Problem& P) {
                            (P.B + kDivisorRowsPerPart - 1) / kDivisorRowsPerPart));
   const int64_t chunk = std::max<int64_t>(1, (P.B + parts - 1) / parts);
   at::Tensor out = at::empty({parts}, P.x.options().dtype(P.acc));
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(P.acc, "divisor_partials", [&] {
-    divisor_parts_kernel<scalar_t><<<static_cast<unsigned>(parts), kReduceThreads, 0, stream>>>(
-        row_args<scalar_t>(P), chunk, out.data_ptr<scalar_t>());
+    UDAT_LAUNCH(divisor_parts_kernel<scalar_t>, static_cast<unsigned>(parts), kReduceThreads, 0,
+                stream)(row_args<scalar_t>(P), chunk, dev_ptr<scalar_t>(out, "divisor parts"));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  UDAT_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 void reduce_loss(const Problem& P, const at::Tensor& loss_parts, const at::Tensor& divisor_parts,
                  at::Tensor& loss) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(P.acc, "reduce_loss", [&] {
-    reduce_loss_kernel<scalar_t><<<1, kReduceThreads, 0, stream>>>(
-        loss_parts.data_ptr<scalar_t>(), loss_parts.numel(),
-        divisor_parts.defined() ? divisor_parts.data_ptr<scalar_t>() : nullptr,
+    UDAT_LAUNCH(reduce_loss_kernel<scalar_t>, 1, kReduceThreads, 0, stream)(
+        dev_ptr<const scalar_t>(loss_parts, "loss parts"), loss_parts.numel(),
+        divisor_parts.defined() ? dev_ptr<const scalar_t>(divisor_parts, "divisor parts")
+                                : nullptr,
         divisor_parts.defined() ? divisor_parts.numel() : 0,
-        static_cast<int>(P.opt.reduction), loss.data_ptr<scalar_t>());
+        static_cast<int>(P.opt.reduction), dev_ptr<scalar_t>(loss, "loss"));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  UDAT_KERNEL_LAUNCH_CHECK();
 }
 
 namespace {
@@ -222,7 +296,7 @@ void set_lambda(const OptTensor& grl_lambda, const at::Tensor& x, Pass& pass) {
   at::Tensor lam = grl_lambda->reshape({});
   // A λ on another GPU or of a dtype the kernels do not read is copied; one on the host is read
   // there (no device sync).
-  if (lam.is_cuda() && (lam.device() != x.device() || !at::isFloatingType(lam.scalar_type()))) {
+  if (!lam.is_cpu() && (lam.device() != x.device() || !at::isFloatingType(lam.scalar_type()))) {
     lam = lam.to(x.device(), at::kDouble);
   }
   pass.lambda = lam;
@@ -234,6 +308,8 @@ void alloc_grads(const Problem& P, const OptTensor& bias, Pass& pass) {
   if (bias) pass.grad_b = at::empty({P.C}, bias->options());
 }
 
+}  // namespace
+
 FwdResult margin_ce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const at::Tensor& target, const OptTensor& bias,
                              const OptTensor& class_weight, const OptTensor& sample_weight,
@@ -244,7 +320,7 @@ FwdResult margin_ce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
   const CeOptions opt = make_options(normalize, scale, margin, cos_margin, label_smoothing,
                                      ignore_index, reduction, straight_through);
   check_inputs(x, weight, target, bias, class_weight, sample_weight, opt);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const Problem P = make_problem(x, weight, target, bias, class_weight, sample_weight, opt);
   const auto acc_opts = x.options().dtype(P.acc);
   Pass pass;
@@ -287,7 +363,7 @@ BwdResult margin_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& x,
                     lse.sizes());
   TORCH_CHECK_VALUE(lse.device() == x.device(), "lse: expected a tensor on ", x.device(),
                     " like x, got ", lse.device());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const Problem P = make_problem(x, weight, target, bias, class_weight, sample_weight, opt);
   Pass pass;
   pass.want_grad = true;
@@ -300,11 +376,13 @@ BwdResult margin_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& x,
   return {pass.grad_x, pass.grad_w, gb};
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace udat
 
+// The emulation build registers these under other names (tests/cuda_emu/register.cpp).
+#if !defined(UDAT_CUDA_EMULATION)
 TORCH_LIBRARY_IMPL(udat_kernels, CUDA, m) {
   m.impl("margin_ce_fwd", &udat::cuda::margin_ce_fwd_cuda);
   m.impl("margin_ce_bwd", &udat::cuda::margin_ce_bwd_cuda);
 }
+#endif

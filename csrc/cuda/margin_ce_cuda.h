@@ -70,5 +70,21 @@ void small_c_run(const Problem& P, Pass& pass);
 // Large C: row blocks whose logits fit a memory budget; cuBLAS GEMMs and fused epilogues.
 void large_c_run(const Problem& P, Pass& pass);
 
+// The two ops' CUDA kernels (registered for the CUDA dispatch key in margin_ce_cuda.cu).
+FwdResult margin_ce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& target, const OptTensor& bias,
+                             const OptTensor& class_weight, const OptTensor& sample_weight,
+                             const OptTensor& grl_lambda, bool normalize, double scale,
+                             double margin, double cos_margin, double label_smoothing,
+                             int64_t ignore_index, int64_t reduction, bool straight_through,
+                             bool compute_grad);
+BwdResult margin_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& x,
+                             const at::Tensor& weight, const at::Tensor& target,
+                             const OptTensor& bias, const OptTensor& class_weight,
+                             const OptTensor& sample_weight, const at::Tensor& lse,
+                             const OptTensor& grl_lambda, bool normalize, double scale,
+                             double margin, double cos_margin, double label_smoothing,
+                             int64_t ignore_index, int64_t reduction, bool straight_through);
+
 }  // namespace cuda
 }  // namespace udat
