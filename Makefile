@@ -15,7 +15,7 @@ EXT_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.c
 # The Triton of the GPU machine, beside the one installed, for the ahead-of-time compile check.
 TRITON_GPU ?= triton==3.6.0
 TRITON_GPU_VENV ?= .venv-triton-gpu
-TRITON_SPECS := build/triton-specs.jsonl
+TRITON_LAUNCHES := build/triton-specs.jsonl
 
 .PHONY: setup demo test pytest ctest triton-aot bench clean
 
@@ -51,8 +51,8 @@ test: setup pytest ctest triton-aot
 # tests/cuda_emu and tests/cuda_build need the CMake build (emulation libraries, ptxas's
 # reports): ctest runs them.
 pytest: setup
-	mkdir -p build && rm -f $(TRITON_SPECS)
-	UDAT_TRITON_SPECS=$(abspath $(TRITON_SPECS)) $(PY) -m pytest tests -q -ra \
+	mkdir -p build && rm -f $(TRITON_LAUNCHES)
+	UDAT_TRITON_LAUNCHES=$(abspath $(TRITON_LAUNCHES)) $(PY) -m pytest tests -q -ra \
 	  --ignore=tests/cuda_emu --ignore=tests/cuda_build
 
 # A second environment: the GPU machine's Triton over the main environment's packages.
@@ -67,11 +67,11 @@ $(TRITON_GPU_VENV)/.installed: $(DEPS_STAMP)
 # Every recorded launch and every launch planned at the GPU target shapes, compiled for sm_90
 # with both Tritons; fails on compile errors, spills, TF32 dots and occupancy below design.
 triton-aot: setup $(TRITON_GPU_VENV)/.installed
-	test -s $(TRITON_SPECS) || { echo "$(TRITON_SPECS): no recorded launches (run make pytest)"; exit 1; }
-	env -u TRITON_INTERPRET $(PY) -m udat_kernels.triton_backend.aot --specs $(TRITON_SPECS) \
+	test -s $(TRITON_LAUNCHES) || { echo "$(TRITON_LAUNCHES): no recorded launches (run make pytest)"; exit 1; }
+	env -u TRITON_INTERPRET $(PY) -m udat_kernels.triton_backend.aot --specs $(TRITON_LAUNCHES) \
 	  --table build/triton-aot-installed.md
 	env -u TRITON_INTERPRET $(TRITON_GPU_VENV)/bin/python -m udat_kernels.triton_backend.aot \
-	  --specs $(TRITON_SPECS) --table build/triton-aot-gpu.md
+	  --specs $(TRITON_LAUNCHES) --table build/triton-aot-gpu.md
 
 # The C++ tests, and the CUDA sources two ways: compiled by nvcc (the CMake CUDA target, where
 # nvcc and a CUDA torch are present) and run on the CPU under the checking emulator

@@ -104,7 +104,7 @@ def test_recorded_specialization_is_the_runtimes():
 
 def test_recording_the_interpreted_launches(tmp_path, monkeypatch):
     path = tmp_path / "specs.jsonl"
-    monkeypatch.setenv("UDAT_TRITON_SPECS", str(path))
+    monkeypatch.setenv("UDAT_TRITON_LAUNCHES", str(path))
     monkeypatch.setattr(_runtime, "_file_seen", set())
     from udat_kernels.triton_backend import launch
 

@@ -5,7 +5,7 @@ All launches go through `launch(kernel, grid, args, constexprs, num_warps, num_s
 - checks the grid against the CUDA limits (axis 0 < 2^31, axes 1 and 2 <= 65535): the
   interpreter has no limits, so this check is what keeps a CPU test run honest about them;
 - records the launch's specialization when asked (`recording()`, or the environment variable
-  UDAT_TRITON_SPECS naming a JSON-lines file): the argument types and the 16-byte alignment and
+  UDAT_TRITON_LAUNCHES naming a JSON-lines file): the argument types and the 16-byte alignment and
   value specializations exactly as Triton's runtime computes them, the constexprs, num_warps and
   num_stages. udat_kernels.triton_backend.aot compiles exactly these for sm_90;
 - in a dry run (`planning(device)`) records and does not run the kernel, so that the launchers
@@ -231,7 +231,7 @@ def dry_run() -> bool:
 
 
 def _record_to_file(spec: dict) -> None:
-    path = os.environ.get("UDAT_TRITON_SPECS")
+    path = os.environ.get("UDAT_TRITON_LAUNCHES")
     if not path:
         return
     key = spec_key(spec)
@@ -260,7 +260,7 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int,
     """Launch `kernel` on `grid` (checked), recording its specialization where asked."""
     grid = tuple(int(g) for g in grid)
     check_grid(kernel_id(kernel), grid)
-    if _recorders or os.environ.get("UDAT_TRITON_SPECS"):
+    if _recorders or os.environ.get("UDAT_TRITON_LAUNCHES"):
         spec = specialization(kernel, args, constexprs, num_warps, num_stages)
         for rec in _recorders:
             rec.add(spec, grid, cost)

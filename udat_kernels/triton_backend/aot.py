@@ -4,7 +4,7 @@ The interpreter runs code that the compiler may reject or build badly (register 
 spills, TF32 dots), so every distinct launch is also compiled for an NVIDIA target:
 
 - the specializations an interpreted test run launched, as _runtime recorded them in the file
-  named by UDAT_TRITON_SPECS (argument types, 16-byte alignment and value-1 specializations,
+  named by UDAT_TRITON_LAUNCHES (argument types, 16-byte alignment and value-1 specializations,
   constexprs, num_warps, num_stages), and
 - those the launchers plan at every GPU target shape of the performance model (plan.py on an
   H200 stand-in: the paper batch, the bandwidth shapes and the large heads).
@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     p.add_argument("--specs", nargs="*", default=[],
-                   help="JSON-lines files of recorded launches (UDAT_TRITON_SPECS)")
+                   help="JSON-lines files of recorded launches (UDAT_TRITON_LAUNCHES)")
     p.add_argument("--no-targets", action="store_true",
                    help="skip the launches planned at the GPU target shapes")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
