@@ -347,11 +347,15 @@ def _config(C: int, D: int, x, weight):
     return BLOCK_ROWS or block_b, num_c, xsq_slot, vec, vec2, _NUM_WARPS, 1
 
 
-def _barriers(compute_grad: bool) -> tuple:
+def _barriers(compute_grad: bool, steps1: int, steps2: int) -> tuple:
     """(per row block, per program) block-wide barriers of the main kernel's sm_90 builds at
-    the GPU target shapes (docs/gpu/, the aot tables: none in the feature loops, 3 in the
-    row-block loop's body with the gradient, 2 and 2 after it without)."""
-    return (3, 0) if compute_grad else (2, 2)
+    the GPU target shapes, the larger of Triton 3.6 and 3.8 (docs/gpu/, the aot tables): 3.8
+    has none in the feature loops, 3.6 has 1 per pass-1 step and 3 per pass-2 step (layout
+    conversions it leaves in the loops); besides them at most 5 per row block with the gradient,
+    2 per row block and 2 after the loop without."""
+    if compute_grad:
+        return steps1 + 3 * steps2 + 5, 0
+    return steps1 + 2, 2
 
 
 def _programs(n_blocks: int, info) -> int:
@@ -422,13 +426,13 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
     # Traffic: x once (pass 2 re-reads the block from L2), W once (L2-resident), grad x once;
     # the partials are written once per program (their per-block updates stay in L2). In
     # flight: one step's x tile (no pipelining). Flops: fp32 FMAs (per element of x: NUM_C
-    # products in pass 1, 2 · NUM_C + 2 in pass 2). Barriers: those of the sm_90 build
-    # (docs/gpu/triton-aot-*.md, barriers per loop body): none in the feature loops, a few
-    # per row block and after the row-block loop (_barriers).
+    # products in pass 1, 2 · NUM_C + 2 in pass 2). Barriers: those of the sm_90 builds
+    # (docs/gpu/triton-aot-*.md, barriers per loop body; _barriers).
     ex, ew = x.element_size(), weight.element_size()
     per_prog = triton.cdiv(n_blocks, P)
     fma = B * D * ((num_c + (not xsq_slot)) + (2 * num_c + 2) * compute_grad)
-    per_block, fixed = _barriers(compute_grad)
+    per_block, fixed = _barriers(compute_grad, triton.cdiv(D, block_l * vec),
+                                 triton.cdiv(D, block_l * vec2))
     main_cost = Cost(
         bytes=B * D * ex * (2 if compute_grad else 1) + C * D * ew + B * 12
         + (0 if gw_direct or not compute_grad else P * C * (D + 1) * 4),
