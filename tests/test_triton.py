@@ -48,16 +48,16 @@ def _ids(v):
 
 @pytest.fixture(params=["single", "multi", "tiled"])
 def path(request, monkeypatch):
-    """single: one program taking its 16-row blocks in turn (grad W written directly where
-    B <= 16); multi: 16×16 tiles of x, blocks spread over 2 programs with partials (and the loss
-    reduced by the last program); tiled: the large-C kernels, 16×16×16 tiles in 16-row chunks."""
+    """single: one program taking its row blocks in turn (grad W written directly where the
+    batch is one block); multi: blocks spread over 2 programs, with partials and the loss
+    reduced by the last program;
+    tiled: the large-C kernels, 16×16×16 tiles in 16-row chunks."""
     from udat_kernels.triton_backend import small_c, tiled
 
     if request.param == "single":
         monkeypatch.setattr(small_c, "MAX_PROGRAMS", 1)
     elif request.param == "multi":
         monkeypatch.setattr(small_c, "MAX_PROGRAMS", 2)
-        monkeypatch.setattr(small_c, "BLOCK_D_MAX", 16)
     elif request.param == "tiled":
         monkeypatch.setattr(small_c, "SMALL_C_MAX", 0)
         monkeypatch.setattr(tiled, "LOGITS_BUDGET_BYTES", 1)  # one tile of rows per chunk
@@ -188,6 +188,14 @@ def test_empty_and_fully_ignored(path, reduction, expected):
         if expected == expected:
             assert loss.item() == expected
         assert not gx.any() and not gw.any()
+
+
+def test_one_row_block(path):
+    # A batch within one row block (D aligned: blocks of 4 rows): the small-C kernel's single
+    # program writes grad W itself, without partials.
+    x, w, t = _inputs(3, 16, 7, seed=7)
+    _check(True, x, w, t, label_smoothing=0.1, grl_lambda=0.5)
+    _check(False, x, w, t, bias=torch.randn(7, device=DEVICE))
 
 
 def test_retain_graph_and_repeated_backward(path):

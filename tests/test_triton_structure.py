@@ -80,9 +80,9 @@ def test_large_c_kernels_cover_the_sms_and_move_few_bytes(C):
 
 
 def test_large_batch_configuration_against_reference(monkeypatch):
-    # A batch above 64 small blocks takes the large-batch tiles; two programs, several blocks
-    # each (the grad W partials updated per block), under the interpreter.
-    monkeypatch.setattr(small_c, "SMALL_BLOCK_ROWS", 8)
+    # Many row blocks over two programs, several blocks each (the grad W partials updated per
+    # block), under the interpreter.
+    monkeypatch.setattr(small_c, "BLOCK_ROWS", 8)
     x, w, t = make_inputs(530, 24, 7, seed=13, device="cuda" if torch.cuda.is_available()
                           else "cpu")
     check_against_reference(uk.angular_margin_cross_entropy, x, w, t, backend="triton",

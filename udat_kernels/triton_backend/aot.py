@@ -237,7 +237,8 @@ def describe(spec: dict) -> str:
     """The constexprs that tell specializations of a kernel apart, briefly."""
     ce = spec["constexprs"]
     tiles = "×".join(str(ce[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_B", "BLOCK_C",
-                                          "BLOCK_D", "BLOCK_R", "BLOCK_P", "BLOCK") if k in ce)
+                                          "BLOCK_D", "BLOCK_L", "VEC", "VEC2", "BLOCK_R",
+                                          "BLOCK_P", "BLOCK") if k in ce)
     dtypes = sorted({ty[1:] for _, ty, _ in spec["args"] if ty.startswith("*")} - {"i64"})
     flags = [k for k in ("COMPUTE_GRAD", "WRITE_LOSS", "DOT_FP32", "GW_DIRECT", "ACCUMULATE")
              if ce.get(k)]

@@ -7,7 +7,7 @@ to fewer blocks per SM than written here. docs/gpu/ holds the compiled figures b
 """
 
 BLOCKS_PER_SM = {
-    "small_c_kernel": 2,
+    "small_c_kernel": 8,  # one warp a program: ≤ 255 registers give 8 (docs/design.md)
     "small_c_grad_weight_kernel": 2,
     "mean_denominator_kernel": 1,
     "row_norm_kernel": 2,

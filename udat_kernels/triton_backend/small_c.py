@@ -2,13 +2,18 @@
 
 Per row block the kernel computes the row norms, the cosines (or plain logits) against every
 class, the margin, the log-sum-exp and the loss, and — when a gradient is asked for — grad x
-(times −λ) while x's block is still in L1/L2 (docs/design.md, "The Triton kernels"). The
-per-class sums are tl.dot tiles against W padded to 16 classes: x (rows × features) @ Wᵀ for
-the logits, G @ Ŵ for grad x and Gᵀ @ x̂ for grad W — no block-wide reduction per class.
+(times −λ) while x's block is still in L1/L2 (docs/design.md, "The Triton kernels").
+
+A program is one warp; its lanes own the features and every lane holds all classes and rows of
+its block, so the per-class sums need no shared memory and no block-wide barrier: the dot
+products are each lane's partial sums over its features, added across the warp's lanes once per
+row block (warp shuffles); grad x = G Ŵ sums over the classes and grad W = Gᵀ X̂ over the rows
+inside each lane. No tl.dot: at C ≤ 16 its tiles would be mostly padding, and its operands go
+through shared memory.
 
 The rows are spread over as many programs as the GPU holds at the occupancy the kernel is
 designed for (design.py), never fewer than the row blocks allow: the paper's batch of 64 runs as
-four programs. grad W needs a sum over all rows: a kernel that owns the only row block writes it
+16 programs. grad W needs a sum over all rows: a kernel that owns the only row block writes it
 directly, otherwise each program accumulates its rows into its own fp32 partial (programs, C, D),
 which stays in L2, and a second kernel sums the partials in a fixed order (deterministic). The
 loss's sum over programs is taken by the last program to finish (an atomic counter), in program
@@ -27,20 +32,20 @@ from ._common import (NUM_STAGES, MarginConsts, arrival_counter, cast_rn, denomi
 from ._runtime import COUNTS, Cost, device_info, launch
 from .design import BLOCKS_PER_SM
 
-# Largest C served by this path (the classes live in one 16-wide dot tile); larger heads take
-# the tiled path.
+# Largest C served by this path (the classes live in one register tile of at most 16); larger
+# heads take the tiled path.
 SMALL_C_MAX = 16
-# Rows per block for batches of up to 64 such blocks; and programs (None: from the design
+# Rows per block (None: from the register budget, _config) and programs (None: from the design
 # occupancy on a GPU, 2 under the interpreter). Tests change them to force one program, or
 # several blocks per program.
-SMALL_BLOCK_ROWS = 16
+BLOCK_ROWS = None
 MAX_PROGRAMS = None
-# Features per step of the x tile (tests lower it to cross chunk boundaries), and warps per
-# program (tests that put 64 rows in one block raise it, so that the tile still fits).
-BLOCK_D_MAX = 256
-NUM_WARPS = 4
-# Partials summed at once by the reduction over programs.
+# One warp a program: the sums over its lanes are warp shuffles, with no block-wide barrier.
+_NUM_WARPS = 1
+# Partials summed at once by the reduction over programs (in the main kernel: the loss), and
+# the grad W partials the second kernel reads per step (enough bytes in flight to stream them).
 _BLOCK_P = 32
+_BLOCK_P_GW = 128
 
 
 @triton.jit(do_not_specialize=COUNTS)
@@ -53,8 +58,9 @@ def _small_c_kernel(
     HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, HAS_SW: tl.constexpr,
     HAS_GLOSS: tl.constexpr, HAS_LAMBDA: tl.constexpr, REDUCTION: tl.constexpr,
     WRITE_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DENOM_INLINE: tl.constexpr,
-    GW_DIRECT: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    GW_DIRECT: tl.constexpr, XSQ_SLOT: tl.constexpr,
+    BLOCK_B: tl.constexpr, NUM_C: tl.constexpr, BLOCK_L: tl.constexpr, VEC: tl.constexpr,
+    VEC2: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Loss and/or gradient of row blocks pid, pid + programs, ...
 
@@ -63,15 +69,27 @@ def _small_c_kernel(
     n_denom partials of the mean's denominator (mean_denominator); gx (B, D),
     gw (C, D), gb (C,) or the fp32 partials gw_part (programs, C, D) and col_part
     (programs, C) (Σ_i G_ij c_ij for the angular head, Σ_i δ_ij = grad bias for the linear
-    one); wnorm (C,) the weight row norms. BLOCK_C >= 16 (a dot's smallest side).
+    one); wnorm (C,) the weight row norms.
+
+    Every tile is 4-D, rows × classes × lanes × vector ([BLOCK_B, NUM_C, BLOCK_L, VEC]): a
+    step covers BLOCK_L · VEC features, each thread VEC contiguous ones of every row and class.
+    The sums over the vector, the classes (grad x) and the rows (grad W) stay in a thread; the
+    dot products are summed over the lanes once per row block. XSQ_SLOT: class NUM_C − 1 is
+    padding (C < NUM_C) and its "weight row" is x itself, so that the same sum gives ‖x_i‖².
     """
     pid = tl.program_id(0).to(tl.int64)
     nprog = tl.num_programs(0)
     n_blocks = tl.cdiv(B, BLOCK_B)
-    cols = tl.arange(0, BLOCK_C)
+    cols = tl.arange(0, NUM_C)
     col_ok = cols < C
-    offs_d = tl.arange(0, BLOCK_D)
-    w_rows = w_ptr + cols[:, None] * stride_w
+    c4 = cols[None, :, None, None]
+    w_ok = c4 < C
+    w_rows = w_ptr + c4 * stride_w
+    # feature offsets of a step: lane l holds VEC (pass 1) or VEC2 (pass 2) contiguous ones
+    feat = (tl.arange(0, BLOCK_L)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, None, :, :]
+    feat2 = (tl.arange(0, BLOCK_L)[:, None] * VEC2
+             + tl.arange(0, VEC2)[None, :])[None, None, :, :]
+    xsq_col = cols[None, :] == NUM_C - 1
 
     if HAS_CW:
         wj = tl.load(cw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -81,18 +99,19 @@ def _small_c_kernel(
     smooth_b = smoothing / C
 
     # Weight row norms: every program needs them and W is small on this path.
-    inv_w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    inv_w = tl.full((NUM_C,), 1.0, tl.float32)
     if NORMALIZE:
-        wsq = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            w = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & (dd < D)[None, :],
-                        other=0.0).to(tl.float32)
-            wsq += tl.sum(w * w, 1)
+        wsq = tl.zeros((1, NUM_C, BLOCK_L), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_L * VEC):
+            dd = d0 + feat
+            w = tl.load(w_rows + dd, mask=w_ok & (dd < D), other=0.0).to(tl.float32)
+            wsq += tl.sum(w * w, 3)
+        wsq = tl.sum(tl.sum(wsq, 2), 0)
         inv_w = inv_norm(wsq)
         proj_w = tl.sqrt(wsq) >= 1e-12
         if COMPUTE_GRAD and not GW_DIRECT:
             tl.store(wnorm_ptr + cols, tl.sqrt(wsq), mask=col_ok & (pid == 0))
+    inv_w4 = inv_w[None, :, None, None]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
 
@@ -100,7 +119,7 @@ def _small_c_kernel(
     if COMPUTE_GRAD and REDUCTION == 1:
         if DENOM_INLINE:
             denom = denominator_sum(target_ptr, cw_ptr, sw_ptr, 0, B, C, ignore_index,
-                                    HAS_CW, HAS_SW, BLOCK_B)
+                                    HAS_CW, HAS_SW, 64)
         else:
             denom = sum_partials(denom_ptr, n_denom, 1, BLOCK_P)
         # An empty or fully ignored batch has a NaN loss and zero gradients (as torch).
@@ -113,40 +132,46 @@ def _small_c_kernel(
     for blk in range(pid, n_blocks, nprog):
         rows = blk * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        rows64 = rows.to(tl.int64)
-        x_rows = x_ptr + rows64[:, None] * stride_x
+        r4 = rows.to(tl.int64)[:, None, None, None]
+        x_rows = x_ptr + r4 * stride_x
+        x_ok = row_ok[:, None, None, None]
         tgt, valid, in_range, v, k = row_scale(
             target_ptr, sw_ptr, gloss_ptr, rows, row_ok, B, C, ignore_index, inv_denom,
             HAS_SW, HAS_GLOSS, REDUCTION)
         is_t = (cols[None, :] == tgt[:, None]) & valid[:, None]
 
-        # Pass 1 over the features: raw dot products (one dot per step) and row sums of
-        # squares.
-        acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
-        xsq = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
+        # Pass 1 over the features: each thread's partial dot products (and sums of squares),
+        # summed over the lanes once the row block's features are done.
+        acc = tl.zeros((BLOCK_B, NUM_C, BLOCK_L), dtype=tl.float32)
+        if not XSQ_SLOT:
+            xsq_acc = tl.zeros((BLOCK_B, 1, BLOCK_L), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_L * VEC):
+            dd = d0 + feat
             d_ok = dd < D
-            xt = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            wt = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            xf = xt.to(tl.float32)
-            xsq += tl.sum(xf * xf, 1)
-            if DOT_FP32:
-                acc = tl.dot(xf, tl.trans(wt.to(tl.float32)), acc, input_precision="ieee")
+            xt = tl.load(x_rows + dd, mask=x_ok & d_ok, other=0.0).to(tl.float32)
+            wt = tl.load(w_rows + dd, mask=w_ok & d_ok, other=0.0).to(tl.float32)
+            if XSQ_SLOT:
+                wt = tl.where(c4 == NUM_C - 1, xt, wt)
             else:
-                acc = tl.dot(xt, tl.trans(wt), acc)
+                xsq_acc += tl.sum(xt * xt, 3)
+            acc += tl.sum(xt * wt, 3)
+        dots = tl.sum(acc, 2)
+        if XSQ_SLOT:
+            xsq = tl.sum(tl.where(xsq_col, dots, 0.0), 1)
+        else:
+            xsq = tl.sum(tl.sum(xsq_acc, 2), 1)
 
         # Logits, log-sum-exp and loss, all in registers.
         if NORMALIZE:
             inv_x = inv_norm(xsq)
-            cos = acc * inv_x[:, None] * inv_w[None, :]
+            cos = tl.where(col_ok[None, :], dots * inv_x[:, None] * inv_w[None, :], 0.0)
             if HAS_MARGIN:
                 psi = margin_psi(cos, cos_m, sin_m, threshold, linear_off, cos_margin)
                 z = scale * tl.where(is_t, psi, cos)
             else:
                 z = scale * cos
         else:
-            z = acc
+            z = dots
             if HAS_BIAS:
                 z = z + bias[None, :]
         z = tl.where(col_ok[None, :], z, float("-inf"))
@@ -189,48 +214,40 @@ def _small_c_kernel(
                 row_t = tl.sum(g * cos, 1)
                 row_t = tl.where(tl.sqrt(xsq) >= 1e-12, row_t, 0.0)
                 col_t = tl.where(proj_w, tl.sum(g * cos, 0), 0.0)
-                g_x = g * inv_w[None, :]  # G diag(1/‖W_j‖): G Ŵ = g_x W
-                g_w = g * inv_x[:, None]  # diag(1/‖x_i‖) G: Gᵀ x̂ = g_wᵀ x
+                inv_x4 = inv_x[:, None, None, None]
+                row_t4 = row_t[:, None, None, None]
             else:
                 g = tl.where(col_ok[None, :], delta, 0.0)
                 col_t = tl.sum(g, 0)
-                g_x = g
-                g_w = g
-            if not DOT_FP32:
-                g_x = g_x.to(x_ptr.dtype.element_ty)
-                g_w = g_w.to(x_ptr.dtype.element_ty)
+            g4 = g[:, :, None, None]
 
-            # Pass 2 over the features (x's block is hot in cache): grad x, grad W.
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + offs_d
+            # Pass 2 over the features (x's block is hot in cache): grad x = G Ŵ and
+            # grad W = Gᵀ X̂ (before the norms' Jacobians), summed over classes and rows in the
+            # thread.
+            for d0 in range(0, D, BLOCK_L * VEC2):
+                dd = d0 + feat2
                 d_ok = dd < D
-                xt = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                             other=0.0)
-                wt = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                             other=0.0)
-                if DOT_FP32:
-                    gx = tl.dot(g_x, wt.to(tl.float32), input_precision="ieee")
-                    gw = tl.dot(tl.trans(g_w), xt.to(tl.float32), input_precision="ieee")
-                else:
-                    gx = tl.dot(g_x, wt)
-                    gw = tl.dot(tl.trans(g_w), xt)
+                xt = tl.load(x_rows + dd, mask=x_ok & d_ok, other=0.0).to(tl.float32)
+                wt = tl.load(w_rows + dd, mask=w_ok & d_ok, other=0.0).to(tl.float32)
                 if NORMALIZE:
-                    gx = inv_x[:, None] * (gx - row_t[:, None] * (xt.to(tl.float32)
-                                                                  * inv_x[:, None]))
+                    xt = xt * inv_x4
+                    wt = wt * inv_w4
+                gx = tl.sum(g4 * wt, 1, keep_dims=True)
+                gw = tl.sum(g4 * xt, 0, keep_dims=True)
+                if NORMALIZE:
+                    gx = inv_x4 * (gx - row_t4 * xt)
                 if HAS_LAMBDA:
                     gx = gx * neg_lambda
-                tl.store(gx_ptr + rows64[:, None] * D + dd[None, :],
-                         cast_rn(gx, gx_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & d_ok[None, :])
-                gw_mask = col_ok[:, None] & d_ok[None, :]
+                tl.store(gx_ptr + r4 * D + dd, cast_rn(gx, gx_ptr.dtype.element_ty),
+                         mask=x_ok & d_ok)
+                gw_mask = w_ok & d_ok
                 if GW_DIRECT:
                     if NORMALIZE:
-                        w_hat = wt.to(tl.float32) * inv_w[:, None]
-                        gw = inv_w[:, None] * (gw - col_t[:, None] * w_hat)
-                    tl.store(gw_ptr + cols[:, None] * D + dd[None, :],
-                             cast_rn(gw, gw_ptr.dtype.element_ty), mask=gw_mask)
+                        gw = inv_w4 * (gw - col_t[None, :, None, None] * wt)
+                    tl.store(gw_ptr + c4 * D + dd, cast_rn(gw, gw_ptr.dtype.element_ty),
+                             mask=gw_mask)
                 else:
-                    part = gw_part_ptr + (pid * C + cols)[:, None] * D + dd[None, :]
+                    part = gw_part_ptr + (pid * C + c4) * D + dd
                     prev = tl.load(part, mask=gw_mask & (blk != pid), other=0.0)
                     tl.store(part, prev + gw, mask=gw_mask)
             if GW_DIRECT:
@@ -274,15 +291,17 @@ def _small_c_grad_weight_kernel(
     dd = dblk.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dd < D
     offs_p = tl.arange(0, BLOCK_P)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # Summed per element over the loop and across the tile once at the end: no block-wide
+    # reduction per step (a fixed order all the same).
+    acc2 = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     t_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         pp = (p0 + offs_p).to(tl.int64)
         p_ok = pp < P
-        part = tl.load(gw_part_ptr + (pp * C + j)[:, None] * D + dd[None, :],
-                       mask=p_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(part, 0)
+        acc2 += tl.load(gw_part_ptr + (pp * C + j)[:, None] * D + dd[None, :],
+                        mask=p_ok[:, None] & d_ok[None, :], other=0.0)
         t_acc += tl.load(col_part_ptr + pp * C + j, mask=p_ok, other=0.0)
+    acc = tl.sum(acc2, 0)
     t = tl.sum(t_acc, 0)
     if NORMALIZE:
         norm = tl.load(wnorm_ptr + j)
@@ -295,33 +314,48 @@ def _small_c_grad_weight_kernel(
         tl.store(gb_ptr + j, cast_rn(t, gb_ptr.dtype.element_ty), mask=dblk == 0)
 
 
-def _config(B: int, C: int, D: int, dot32: bool, loss_and_grad: bool = False):
-    """(BLOCK_B, BLOCK_C, BLOCK_D, num_warps, num_stages): the sm_90 builds of these keep every tile in
-    registers without spilling at two or more blocks per SM (docs/gpu/, the aot tables).
+# (rows per block, pass 1 vector, pass 2 vector) by element size (the wider of x and W) and
+# classes padded: tiles whose sm_90 builds keep everything in registers at 8 one-warp programs
+# per SM with Triton 3.6 and 3.8 (wider ones spill: 8 rows, or 16 bf16 features at C = 7), with
+# 4 KB of x in flight per program at the GPU target shapes (2 KB for bf16 at C = 7; docs/design.md,
+# "The Triton model").
+_TILES = {
+    (4, 2): (4, 8, 4), (4, 4): (4, 8, 4), (4, 8): (4, 8, 2), (4, 16): (2, 4, 2),
+    (2, 2): (4, 16, 4), (2, 4): (4, 16, 4), (2, 8): (4, 8, 4), (2, 16): (2, 8, 4),
+}
 
-    Blocks of 16 rows (a dot's smallest side) while the batch is small, so that the paper's
-    batch of 64 spreads over four programs; larger blocks for large batches, so that the grad W
-    partial a program updates per block (C × D fp32, in L2) is small beside the x it reads.
-    fp32 dots are FMA loops whose operands take more registers: narrower tiles. (A fourth
-    load stage for the latency-bound paper batch spills with Triton 3.6 at unaligned D.)
+
+def _config(C: int, D: int, x, weight):
+    """(BLOCK_B, NUM_C, XSQ_SLOT, VEC, VEC2, num_warps, num_stages) of the main kernel.
+
+    The classes are padded to a power of two with one class to spare where C < 16 (it carries
+    ‖x‖², XSQ_SLOT). Each lane holds BLOCK_B × NUM_C fp32 sums, and per step BLOCK_B rows and
+    NUM_C classes of VEC (pass 1) or VEC2 (pass 2) features (_TILES). The vectors are 16-byte
+    loads where x, W, D and the row strides are 16-byte aligned (Triton's specialization tells
+    the compiler so), single elements and one row a block otherwise (unaligned builds of 2 or
+    4 rows spill with Triton 3.6 or 3.8 at C = 7). One load stage: a pipelined load would be
+    staged through shared memory with a barrier per step.
     """
-    block_c = max(16, triton.next_power_of_2(C))
-    stages = NUM_STAGES
-    if B <= 64 * SMALL_BLOCK_ROWS:
-        block_b, block_d = SMALL_BLOCK_ROWS, (64 if dot32 else 256)
-    else:
-        block_b, block_d = (16, 64) if dot32 else (64, 128)
-    if dot32:
-        # 16 features: wider fp32 tiles spill at some shapes (unaligned D) with Triton 3.6 and
-        # 3.8 alike (docs/design.md, "The Triton model")
-        block_d = min(BLOCK_D_MAX, 16)
-        if loss_and_grad:
-            # Loss and gradient in one launch hold both passes' state: a third load stage
-            # spills (8 bytes with Triton 3.8, class weights and GRL).
-            stages = 2
-    else:
-        block_d = min(BLOCK_D_MAX, block_d, max(16, triton.next_power_of_2(D)))
-    return block_b, block_c, block_d, NUM_WARPS, stages
+    xsq_slot = C < SMALL_C_MAX
+    num_c = max(2, triton.next_power_of_2(C + 1)) if xsq_slot else SMALL_C_MAX
+    esize = max(x.element_size(), weight.element_size())
+    block_b, vec, vec2 = _TILES[(4 if esize > 2 else 2, num_c)]
+    aligned = (D % 16 == 0 and x.stride(0) % 16 == 0 and weight.stride(0) % 16 == 0
+               and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+    if not aligned:
+        block_b, vec, vec2 = 1, 1, 1
+    return BLOCK_ROWS or block_b, num_c, xsq_slot, vec, vec2, _NUM_WARPS, 1
+
+
+def _barriers(compute_grad: bool, steps1: int, steps2: int) -> tuple:
+    """(per row block, per program) block-wide barriers of the main kernel's sm_90 builds at
+    the GPU target shapes, the larger of Triton 3.6 and 3.8 (docs/gpu/, the aot tables): 3.8
+    has none in the feature loops, 3.6 has 1 per pass-1 step and 3 per pass-2 step (layout
+    conversions it leaves in the loops); besides them at most 5 per row block with the gradient,
+    2 per row block and 2 after the loop without."""
+    if compute_grad:
+        return steps1 + 3 * steps2 + 5, 0
+    return steps1 + 2, 2
 
 
 def _programs(n_blocks: int, info) -> int:
@@ -359,11 +393,8 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
     C = weight.shape[0]
     dev = x.device
     info = device_info(dev)
-    # Native bf16 dots on the GPU; fp32 (IEEE) otherwise: fp16 gradient tiles would overflow
-    # where ψ' is large, and the interpreter's bf16 dot is not the GPU's.
-    dot32 = not (info.gpu and x.dtype == weight.dtype == torch.bfloat16)
-    block_b, block_c, block_d, num_warps, stages = _config(B, C, D, dot32,
-                                                           write_loss and compute_grad)
+    block_b, num_c, xsq_slot, vec, vec2, num_warps, stages = _config(C, D, x, weight)
+    block_l = 32 * num_warps
     n_blocks = triton.cdiv(B, block_b)
     P = _programs(n_blocks, info)
     gw_direct = n_blocks == 1
@@ -393,18 +424,20 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
         return dummy(t, empty)
 
     # Traffic: x once (pass 2 re-reads the block from L2), W once (L2-resident), grad x once;
-    # the partials are written once per program (their per-block updates stay in L2).
+    # the partials are written once per program (their per-block updates stay in L2). In
+    # flight: one step's x tile (no pipelining). Flops: fp32 FMAs (per element of x: NUM_C
+    # products in pass 1, 2 · NUM_C + 2 in pass 2). Barriers: those of the sm_90 builds
+    # (docs/gpu/triton-aot-*.md, barriers per loop body; _barriers).
     ex, ew = x.element_size(), weight.element_size()
     per_prog = triton.cdiv(n_blocks, P)
-    steps = per_prog * triton.cdiv(D, block_d)
-    # Block-wide barriers per step, as the sm_90 builds have them (docs/gpu/triton-aot-*.md,
-    # barriers per loop body): 2 in pass 1; in pass 2, 2 with fp32 dots and 14 with bf16 ones
-    # (their operands are staged through shared memory); about 10 per block around them.
-    barriers = steps * 2 + steps * (2 if dot32 else 14) * compute_grad + per_prog * 10
+    fma = B * D * ((num_c + (not xsq_slot)) + (2 * num_c + 2) * compute_grad)
+    per_block, fixed = _barriers(compute_grad, triton.cdiv(D, block_l * vec),
+                                 triton.cdiv(D, block_l * vec2))
     main_cost = Cost(
         bytes=B * D * ex * (2 if compute_grad else 1) + C * D * ew + B * 12
         + (0 if gw_direct or not compute_grad else P * C * (D + 1) * 4),
-        inflight=block_b * block_d * ex * (stages - 1), barriers=barriers)
+        flops=2 * fma, dot="fp32",
+        inflight=block_b * block_l * vec * ex, barriers=per_prog * per_block + fixed)
     launch(_small_c_kernel, _main_grid(P), (
         x, weight, target, ptr(bias), ptr(class_weight), ptr(sample_weight), ptr(grad_loss),
         ptr(grl_lambda), ptr(denom), ptr(loss), ptr(lse), ptr(red), ptr(count), ptr(gx),
@@ -416,8 +449,8 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
              HAS_SW=sample_weight is not None, HAS_GLOSS=grad_loss is not None,
              HAS_LAMBDA=grl_lambda is not None, REDUCTION=reduction, WRITE_LOSS=write_loss,
              COMPUTE_GRAD=compute_grad, DENOM_INLINE=inline_denom, GW_DIRECT=gw_direct,
-             DOT_FP32=dot32, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d,
-             BLOCK_P=_BLOCK_P),
+             XSQ_SLOT=xsq_slot, BLOCK_B=block_b, NUM_C=num_c, BLOCK_L=block_l, VEC=vec,
+             VEC2=vec2, BLOCK_P=_BLOCK_P),
         num_warps=num_warps, num_stages=stages, cost=main_cost)
 
     if compute_grad and not gw_direct:
@@ -425,9 +458,10 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
         launch(_small_c_grad_weight_kernel, _grad_weight_grid(C, D, block_dw),
                (weight, ptr(wnorm), gw_part, col_part, gw, ptr(gb), P, C, D, weight.stride(0)),
                dict(NORMALIZE=normalize, HAS_BIAS=bias is not None,
-                    BLOCK_P=min(_BLOCK_P, triton.next_power_of_2(P)), BLOCK_D=block_dw),
+                    BLOCK_P=min(_BLOCK_P_GW, triton.next_power_of_2(P)), BLOCK_D=block_dw),
                num_warps=4, num_stages=NUM_STAGES,
                cost=Cost(bytes=P * C * (D + 1) * 4 + 2 * C * D * ew,
-                         inflight=min(_BLOCK_P, P) * block_dw * 4 * (NUM_STAGES - 1),
-                         barriers=triton.cdiv(P, _BLOCK_P)))
+                         # one step's loads (its loop is not pipelined: no async loads in
+                         # the aot table) and the one sum across the tile, after the loop
+                         inflight=min(_BLOCK_P_GW, P) * block_dw * 4, barriers=3))
     return loss, lse, gx, gw, gb
