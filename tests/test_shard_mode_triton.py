@@ -113,6 +113,17 @@ def test_dtypes_over_several_tiles_and_chunks(dtypes, monkeypatch):
     check_shards(x, w, t, [23, 0, 17], **kwargs)
 
 
+def test_float64_weight_vectors():
+    """The sharded loss gathers sample weights in float64: the weight vectors may be float64
+    (read as float32) beside float32 inputs."""
+    B, D, C = 12, 9, 20
+    x, w, t = _inputs(B, D, C, seed=5)
+    g = torch.Generator().manual_seed(2)
+    check_shards(x, w, t, [8, 12], label_smoothing=0.1,
+                 class_weight=(torch.rand(C, generator=g, dtype=torch.float64) + 0.2).to(DEVICE),
+                 sample_weight=(torch.rand(B, generator=g, dtype=torch.float64) + 0.2).to(DEVICE))
+
+
 def test_non_finite_rows_follow_the_reference():
     """A NaN feature row; a NaN in a target's class centre; a target outside [0, C) (q^(r) NaN
     on every shard, its gradient NaN, the empty shard's part of grad x zero); (linear head) an ignored row with an infinite

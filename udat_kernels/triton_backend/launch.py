@@ -29,7 +29,8 @@ def _check(x, weight, target, bias, class_weight, sample_weight, grl_lambda, nor
     """The checks the C++ ops share, plus the Triton backend's own dtype limits.
 
     num_classes: the shard mode's whole class count (weight is then a shard, possibly empty,
-    and class_weight the whole vector); None for the ordinary op."""
+    class_weight the whole vector, and the weight vectors may also be float64, as the
+    sharded loss gathers sample weights); None for the ordinary op."""
     for name, t in (("x", x), ("weight", weight)):
         if t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
@@ -47,11 +48,14 @@ def _check(x, weight, target, bias, class_weight, sample_weight, grl_lambda, nor
         raise ValueError(f"target: expected int64 of shape ({B},), got {target.dtype} "
                          f"{tuple(target.shape)}")
     whole = C if num_classes is None else num_classes
+    vector_dtypes = _HALF_OR_SINGLE if num_classes is None else _HALF_OR_SINGLE + (torch.float64,)
     for name, t, n in (("bias", bias, C), ("class_weight", class_weight, whole),
                        ("sample_weight", sample_weight, B)):
-        if t is not None and (tuple(t.shape) != (n,) or t.dtype not in _HALF_OR_SINGLE):
-            raise ValueError(f"{name}: expected a float32/float16/bfloat16 tensor of shape "
-                             f"({n},), got {t.dtype} {tuple(t.shape)}")
+        dtypes = _HALF_OR_SINGLE if name == "bias" else vector_dtypes
+        if t is not None and (tuple(t.shape) != (n,) or t.dtype not in dtypes):
+            names = "/".join(str(d).split(".")[1] for d in dtypes)
+            raise ValueError(f"{name}: expected a {names} tensor of shape ({n},), got "
+                             f"{t.dtype} {tuple(t.shape)}")
     for name, t in (("weight", weight), ("target", target), ("bias", bias),
                     ("class_weight", class_weight), ("sample_weight", sample_weight)):
         if t is not None and t.device != x.device:
@@ -203,6 +207,11 @@ def _check_rows(x, grad_rows, lse):
             raise ValueError(f"{name}: expected a tensor on {x.device} like x, got {t.device}")
 
 
+def _single(t):
+    """A float64 weight vector as float32 (the kernels read weights in fp32)."""
+    return t.to(torch.float32) if t is not None and t.dtype == torch.float64 else t
+
+
 def margin_ce_shard_fwd(x, weight, target, bias, class_weight, sample_weight, class_offset,
                         num_classes, normalize, scale, margin, cos_margin, label_smoothing,
                         ignore_index, straight_through):
@@ -221,8 +230,9 @@ def margin_ce_shard_fwd(x, weight, target, bias, class_weight, sample_weight, cl
         return (torch.full((B,), -math.inf, **f32),
                 torch.where(bad, torch.full((), math.nan, **f32), torch.zeros((), **f32)))
     with device_guard(x.device):
-        x, weight, target, bias, cw, sw = _contiguous(x, weight, target, bias, class_weight,
-                                                      sample_weight)
+        x, weight, target, bias, cw, sw = _contiguous(x, weight, target, bias,
+                                                      _single(class_weight),
+                                                      _single(sample_weight))
         consts = MarginConsts(normalize, scale, margin, cos_margin)
         partial, lse, *_ = tiled.tiled_launch(
             x, weight, target, bias, cw, sw, None, None, None, consts, normalize,
@@ -247,8 +257,9 @@ def margin_ce_shard_bwd(grad_rows, x, weight, target, bias, class_weight, sample
                 torch.zeros_like(bias) if bias is not None
                 else x.new_empty((0,), dtype=torch.float32))
     with device_guard(x.device):
-        x, weight, target, bias, cw, sw = _contiguous(x, weight, target, bias, class_weight,
-                                                      sample_weight)
+        x, weight, target, bias, cw, sw = _contiguous(x, weight, target, bias,
+                                                      _single(class_weight),
+                                                      _single(sample_weight))
         consts = MarginConsts(normalize, scale, margin, cos_margin)
         _, _, gx, gw, gb = tiled.tiled_launch(
             x, weight, target, bias, cw, sw, _lambda_on(grl_lambda, x.device),
