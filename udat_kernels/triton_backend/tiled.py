@@ -68,10 +68,10 @@ def _row_norm_kernel(src_ptr, norm_ptr, N, D, stride, BLOCK_R: tl.constexpr,
 @triton.jit(do_not_specialize=COUNTS)
 def _logits_kernel(
     x_ptr, w_ptr, target_ptr, bias_ptr, cw_ptr, xnorm_ptr, wnorm_ptr, p_ptr, stats_ptr, zy_ptr,
-    cy_ptr, row0, R, C, D, NT, stride_x, stride_w, ignore_index, class_offset,
+    cy_ptr, row0, R, C, D, NT, stride_x, stride_w, ignore_index,
     scale, cos_m, sin_m, threshold, linear_off, cos_margin,
     NORMALIZE: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_CW: tl.constexpr, DOT_FP32: tl.constexpr, SHARD: tl.constexpr,
+    HAS_CW: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_M rows, BLOCK_N classes) tile of z for rows row0 + r (r < R): its P̃ tile and
@@ -82,11 +82,8 @@ def _logits_kernel(
     that holds it. One grid axis (_logits_grid): the row tiles of a class tile are consecutive
     programs, so that W's tile is read once from HBM while the chunk of x stays in L2.
 
-    The C columns are the classes class_offset + j of the whole problem (0 for the ordinary op;
-    a shard's offset in the shard mode): targets and class weights are global, so a row's
-    target column is y − class_offset, and only where that lies in [0, C). SHARD: a NaN target
-    cosine gives a NaN target logit, as the reference's ψ does (the margin's clamp would make
-    it finite), since the shard's q_i holds the target logit without the log-sum-exp.
+    In the shard mode the targets, ignore_index and class weights come shifted by the shard's
+    class offset (tiled_launch), so that column j is the target where y − o = j.
     """
     pid = tl.program_id(0).to(tl.int64)
     n_m = tl.cdiv(R, BLOCK_M)
@@ -113,9 +110,8 @@ def _logits_kernel(
         else:
             acc = tl.dot(a, tl.trans(b), acc)
     tgt = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
-    col_t = tgt - class_offset  # the target's column (outside [0, C): not this call's class)
-    is_t = (cols[None, :] == col_t[:, None]) & (tgt != ignore_index)[:, None]
-    here = (col_t >= pid_n * BLOCK_N) & (col_t < pid_n * BLOCK_N + BLOCK_N) & (col_t < C) & row_ok
+    is_t = (cols[None, :] == tgt[:, None]) & (tgt != ignore_index)[:, None]
+    here = (tgt >= pid_n * BLOCK_N) & (tgt < pid_n * BLOCK_N + BLOCK_N) & (tgt < C) & row_ok
     if NORMALIZE:
         inv_x = 1.0 / tl.maximum(tl.load(xnorm_ptr + rows, mask=row_ok, other=1.0), 1e-12)
         inv_w = 1.0 / tl.maximum(tl.load(wnorm_ptr + cols, mask=col_ok, other=1.0), 1e-12)
@@ -125,8 +121,6 @@ def _logits_kernel(
             # tile (which would spill the accumulator's registers).
             c_y = tl.sum(tl.where(is_t, z, 0.0), 1)
             psi_y = margin_psi(c_y, cos_m, sin_m, threshold, linear_off, cos_margin)
-            if SHARD:
-                psi_y = tl.where(c_y == c_y, psi_y, c_y)
             tl.store(cy_ptr + local, c_y, mask=here & (tgt != ignore_index))
             z = tl.where(is_t, psi_y[:, None], z)
         z = scale * z
@@ -136,7 +130,7 @@ def _logits_kernel(
             z = z + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(zy_ptr + local, tl.sum(tl.where(is_t, z, 0.0), 1), mask=here)
     if HAS_CW:
-        wj = tl.load(cw_ptr + class_offset + cols, mask=col_ok, other=0.0).to(tl.float32)
+        wj = tl.load(cw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     else:
         wj = col_ok.to(tl.float32)
     wz = tl.sum(tl.where(col_ok[None, :], z, 0.0) * wj[None, :], 1)
@@ -173,7 +167,8 @@ def _row_lse_kernel(
     C = NC); a_i, ε/NC, Σw and the target's range are the whole problem's. SHARD: the shard
     mode's rows (docs/math.md, "Class shards"): the forward writes q_i = −v_i·[a_i·z_iy·[owned]
     + ε/NC·Σ_j w_j z_ij] in place of the loss, and a row whose target is outside [0, NC) gets a
-    NaN gradient (the ordinary op gives it none)."""
+    NaN gradient (the ordinary op gives it none). target and cw are the whole problem's (not
+    shifted), and class_offset places this call's classes in it."""
     r = tl.program_id(0).to(tl.int64)
     row = row0 + r
     offs = tl.arange(0, BLOCK_T)
@@ -225,6 +220,12 @@ def _row_lse_kernel(
         # Without smoothing its term is left out, not multiplied by 0: with a +inf logit it is
         # inf − inf (docs/math.md, "Non-finite inputs").
         if SHARD:
+            if NORMALIZE and HAS_MARGIN:
+                # A NaN target cosine: the margin's clamp made its logit finite; the reference's
+                # ψ keeps it NaN, and so must lse^(r) and q_i (which holds z_y without the lse).
+                c_y = tl.load(cy_ptr + r, mask=owned, other=0.0)
+                z_y = tl.where(c_y == c_y, z_y, c_y)
+                lse = tl.where(c_y == c_y, lse, c_y)
             smooth = tl.where(smooth_b != 0.0, smooth_b * tl.sum(wz_vec, 0), 0.0)
             loss = -v * (a * z_y + smooth)
         else:
@@ -257,14 +258,15 @@ def _row_lse_kernel(
 
 @triton.jit
 def _grad_tile(p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, rows_l, row0, cols, R, C, NT,
-               tile, smooth_b, class_offset, ignore_index, HAS_CW: tl.constexpr,
-               ROWS_FIRST: tl.constexpr, SHARD: tl.constexpr):
+               tile, smooth_b, ignore_index, HAS_CW: tl.constexpr, ROWS_FIRST: tl.constexpr,
+               SHARD: tl.constexpr):
     """The tile of G = s·δ·ψ' at local rows rows_l and classes cols (all in one class tile of
     the logits kernel, `tile`), in fp32: (rows, cols) when ROWS_FIRST, else (cols, rows).
 
-    δ_ij = p_ij (a_i + ε/C·Σw) − ε/C·w_j − a_i [j = y_i], with p_ij = P̃_ij e_t; column j is
-    class class_offset + j. SHARD: ignored rows give exactly 0, even where their logits are
-    not finite (docs/math.md, "Class shards").
+    δ_ij = p_ij (a_i + ε/C·Σw) − ε/C·w_j − a_i [j = y_i], with p_ij = P̃_ij e_t (targets,
+    ignore_index and class weights shifted by the shard's offset in the shard mode). SHARD:
+    ignored rows give exactly 0, even where their logits are not finite (docs/math.md, "Class
+    shards").
     """
     r_ok = rows_l < R
     c_ok = cols < C
@@ -277,22 +279,21 @@ def _grad_tile(p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, rows_l, row0, col
     live = r_ok
     if SHARD:
         live = r_ok & (tgt != ignore_index)
-    col_t = tgt - class_offset  # the target's column
     if HAS_CW:
-        wj = tl.load(cw_ptr + class_offset + cols, mask=c_ok, other=0.0).to(tl.float32)
+        wj = tl.load(cw_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
     else:
         wj = c_ok.to(tl.float32)
     if ROWS_FIRST:
         p = tl.load(p_ptr + rows_l[:, None] * C + cols[None, :],
                     mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        is_t = cols[None, :] == col_t[:, None]
+        is_t = cols[None, :] == tgt[:, None]
         d = p * (e * pc)[:, None] - smooth_b * wj[None, :] - tl.where(is_t, a[:, None], 0.0)
         g = kg[:, None] * tl.where(is_t, d * dpsi[:, None], d)
         g = tl.where(live[:, None] & c_ok[None, :], g, 0.0)
     else:
         p = tl.load(p_ptr + rows_l[None, :] * C + cols[:, None],
                     mask=r_ok[None, :] & c_ok[:, None], other=0.0).to(tl.float32)
-        is_t = cols[:, None] == col_t[None, :]
+        is_t = cols[:, None] == tgt[None, :]
         d = p * (e * pc)[None, :] - smooth_b * wj[:, None] - tl.where(is_t, a[None, :], 0.0)
         g = kg[None, :] * tl.where(is_t, d * dpsi[None, :], d)
         g = tl.where(live[None, :] & c_ok[:, None], g, 0.0)
@@ -302,7 +303,7 @@ def _grad_tile(p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, rows_l, row0, col
 @triton.jit(do_not_specialize=COUNTS)
 def _grad_x_kernel(
     p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, w_ptr, wnorm_ptr, gx_ptr,
-    row0, R, C, D, NT, stride_w, smooth_b, class_offset, ignore_index,
+    row0, R, C, D, NT, stride_w, smooth_b, ignore_index,
     NORMALIZE: tl.constexpr, HAS_CW: tl.constexpr, DOT_FP32: tl.constexpr, SHARD: tl.constexpr,
     TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -324,8 +325,7 @@ def _grad_x_kernel(
         cols = k0 + offs_k
         c_ok = cols < C
         g = _grad_tile(p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, rows_l, row0, cols, R,
-                       C, NT, k0 // TILE_N, smooth_b, class_offset, ignore_index, HAS_CW, True,
-                       SHARD)
+                       C, NT, k0 // TILE_N, smooth_b, ignore_index, HAS_CW, True, SHARD)
         if NORMALIZE:
             inv_w = 1.0 / tl.maximum(tl.load(wnorm_ptr + cols, mask=c_ok, other=1.0), 1e-12)
             g = g * inv_w[None, :]
@@ -342,7 +342,7 @@ def _grad_x_kernel(
 @triton.jit(do_not_specialize=COUNTS)
 def _grad_w_kernel(
     p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, x_ptr, xnorm_ptr, gw_ptr, gb_ptr,
-    row0, R, C, D, NT, stride_x, smooth_b, class_offset, ignore_index,
+    row0, R, C, D, NT, stride_x, smooth_b, ignore_index,
     NORMALIZE: tl.constexpr, HAS_CW: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, SHARD: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -369,7 +369,7 @@ def _grad_w_kernel(
         rows_l = k0 + offs_k
         r_ok = rows_l < R
         g = _grad_tile(p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, rows_l, row0, cols, R,
-                       C, NT, tile, smooth_b, class_offset, ignore_index, HAS_CW, False, SHARD)
+                       C, NT, tile, smooth_b, ignore_index, HAS_CW, False, SHARD)
         if HAS_BIAS:
             gb += tl.sum(g, 1)
         if NORMALIZE:
@@ -599,17 +599,24 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
     gdot = "fp32" if gemm == torch.float32 or not info.gpu else "bf16"
     block_t = min(1024, triton.next_power_of_2(NT))
     smooth_b = smoothing / NC
+    # The tile kernels see this call's classes as columns 0..C-1: in the shard mode they get the
+    # targets and ignore_index shifted by the offset and the class weights from the offset on
+    # (the row kernel keeps the whole problem's).
+    t_l, ign_l, cw_l = target, ignore_index, class_weight
+    if offset:
+        torch_kernel("sub", Cost(bytes=B * 16))
+        t_l, ign_l = target - offset, ignore_index - offset
+        cw_l = class_weight[offset:] if class_weight is not None else None
 
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
         launch(_logits_kernel, _logits_grid(rows, C, bm, bn),
-               (x, weight, target, dummy(bias, zy), dummy(class_weight, zy), xnorm, wnorm, p,
-                stats, zy, cy, row0, rows, C, D, NT, x.stride(0), weight.stride(0), ignore_index,
-                offset, *consts.args()),
+               (x, weight, t_l, dummy(bias, zy), dummy(cw_l, zy), xnorm, wnorm, p,
+                stats, zy, cy, row0, rows, C, D, NT, x.stride(0), weight.stride(0), ign_l,
+                *consts.args()),
                dict(NORMALIZE=normalize, HAS_MARGIN=normalize and consts.has_margin,
                     HAS_BIAS=bias is not None, HAS_CW=class_weight is not None, DOT_FP32=dfp32,
-                    SHARD=shard is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-               num_warps=lw, num_stages=ls,
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=lw, num_stages=ls,
                cost=Cost(bytes=rows * (C * pe + NT * 12 + D * x.element_size())
                          + C * D * weight.element_size(), flops=2 * rows * C * D,
                          dot="fp32" if dfp32 else "bf16",
@@ -633,8 +640,8 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
             continue
         xm, xn, xk = xt
         launch(_grad_x_kernel, _gemm_grid(rows, D, xm, xn),
-               (p, stats, coef, target, dummy(class_weight, zy), weight, wnorm, gx_hat, row0,
-                rows, C, D, NT, weight.stride(0), smooth_b, offset, ignore_index),
+               (p, stats, coef, t_l, dummy(cw_l, zy), weight, wnorm, gx_hat, row0,
+                rows, C, D, NT, weight.stride(0), smooth_b, ign_l),
                dict(NORMALIZE=normalize, HAS_CW=class_weight is not None,
                     DOT_FP32=gdot == "fp32", SHARD=shard is not None, TILE_N=bn, BLOCK_M=xm,
                     BLOCK_N=xn, BLOCK_K=xk),
@@ -645,8 +652,8 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
                          barriers=4, logits=rows * C * pe))
         wm, wn, wk = wt
         launch(_grad_w_kernel, _gemm_grid(C, D, wm, wn),
-               (p, stats, coef, target, dummy(class_weight, zy), x, xnorm, gw_acc,
-                dummy(gb, zy), row0, rows, C, D, NT, x.stride(0), smooth_b, offset, ignore_index),
+               (p, stats, coef, t_l, dummy(cw_l, zy), x, xnorm, gw_acc,
+                dummy(gb, zy), row0, rows, C, D, NT, x.stride(0), smooth_b, ign_l),
                dict(NORMALIZE=normalize, HAS_CW=class_weight is not None,
                     HAS_BIAS=bias is not None, ACCUMULATE=row0 > 0, DOT_FP32=gdot == "fp32",
                     SHARD=shard is not None, TILE_N=bn, BLOCK_M=wm, BLOCK_N=wn, BLOCK_K=wk),
