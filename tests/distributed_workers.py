@@ -9,6 +9,7 @@ same global data (docs/math.md, "Closeness and tolerances"), and reported as (er
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import signal
 import socket
@@ -115,6 +116,12 @@ CASES = {
     "sampled": (40, {2: [6, 5], 3: [4, 0, 6]}, torch.float32,
                 {"sample_rate": 0.3, "label_smoothing": 0.1, "class_weight": "C"}, {}),
 }
+# The Triton shard mode, where the Triton interpreter runs it on these CPU tensors (the test
+# session sets TRITON_INTERPRET=1 without a GPU; the ranks inherit it).
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and importlib.util.find_spec("triton"):
+    CASES["triton_weighted"] = (5, {2: [4, 3], 3: [3, 0, 4]}, torch.float32,
+                                {"backend": "triton", "label_smoothing": 0.1,
+                                 "class_weight": "C", "grl_lambda": 0.5}, {"sw": True})
 
 
 def _run_case(name, rank, world):
@@ -146,7 +153,7 @@ def _run_case(name, rank, world):
     loss.backward(upstream)
 
     # The single-process op on the same global data (the sampled centres when sampling).
-    kw = {k: v for k, v in loss_kw.items() if k not in ("sample_rate",)}
+    kw = {k: v for k, v in loss_kw.items() if k not in ("sample_rate", "backend")}
     ref_w, ref_t, where = w, t, None
     if head.sample_rate < 1:
         every = [None] * world

@@ -11,7 +11,7 @@ import torch
 
 from udat_kernels import reference
 from udat_kernels.distributed import shard_mode
-from helpers import assert_close_spec, tolerance
+from helpers import assert_close_spec, make_inputs, tolerance
 
 # (C, number of shards): one shard (the ordinary op), C = 1 with three empty shards, C = 2 over
 # three shards, C = 7 over two and four, and a wider head over three.
@@ -174,3 +174,46 @@ def check_shards(backend, x, w, t, sizes, *, angular=True, bias=None, upstream_s
                                   f"{backend} shard {r} of {sizes}: {name}",
                                   own=own[r][i] if own is not None else None)
     return got
+
+
+def shard_fwd_args(**change):
+    """The shard forward's arguments in schema order (a shard [3, 7) of 10 classes, 6 rows, an
+    ignored row), with `change` applied: for argument errors and opcheck."""
+    x, w, t = make_inputs(6, 5, 10, seed=22)
+    t[2] = -100
+    g = torch.Generator().manual_seed(1)
+    args = dict(x=x, weight=w[3:7], target=t, bias=None, class_weight=torch.rand(10, generator=g),
+                sample_weight=torch.rand(6, generator=g), class_offset=3, num_classes=10,
+                normalize=True, scale=16.0, margin=0.3, cos_margin=0.1, label_smoothing=0.05,
+                ignore_index=-100, straight_through=False)
+    args.update(change)
+    return args
+
+
+def shard_bwd_args(**change):
+    """The shard backward's arguments in schema order, as `shard_fwd_args`."""
+    rows = {k: change.pop(k) for k in ("grad_rows", "lse", "grl_lambda") if k in change}
+    fwd = list(shard_fwd_args(**change).items())
+    return dict(grad_rows=rows.get("grad_rows", torch.randn(6)), **dict(fwd[:6]),
+                lse=rows.get("lse", torch.randn(6) + 3),
+                grl_lambda=rows.get("grl_lambda", torch.tensor(0.4)), **dict(fwd[6:]))
+
+
+# (change to shard_fwd_args, the argument the error must name), for both directions.
+BAD_ARGUMENTS = [
+    (dict(class_offset=7), "class_offset"), (dict(class_offset=-1), "class_offset"),
+    (dict(num_classes=0), "num_classes"), (dict(class_weight=torch.ones(4)), "class_weight"),
+    (dict(weight=torch.ones(4, 6)), "weight"),
+    (dict(target=torch.zeros(6, dtype=torch.int32)), "target"),
+    (dict(sample_weight=torch.ones(5)), "sample_weight"),
+    (dict(bias=torch.zeros(4)), "bias"),
+    (dict(normalize=False, bias=torch.zeros(10)), "bias"),
+]
+BAD_ARGUMENT_IDS = ["offset_past_the_end", "negative_offset", "no_classes",
+                    "class_weight_of_the_shard", "weight_width", "int32_target",
+                    "sample_weight_length", "bias_on_the_angular_head", "bias_of_the_whole_head"]
+# The backward's own inputs.
+BAD_BACKWARD_INPUTS = [(dict(grad_rows=torch.ones(5)), "grad_rows"),
+                       (dict(lse=torch.ones(6, 1)), "lse"),
+                       (dict(lse=torch.ones(6, dtype=torch.int64)), "lse"),
+                       (dict(grl_lambda=torch.ones(2)), "grl_lambda")]

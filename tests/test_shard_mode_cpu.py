@@ -22,7 +22,8 @@ from udat_kernels.distributed import shard_mode
 import shard_helpers
 from helpers import (KEYWORDS, assert_close_spec, make_inputs, materialize_keywords, run_loss,
                      tolerance)
-from shard_helpers import SPLITS, as_double, cuts_of, sharded_loss
+from shard_helpers import (BAD_ARGUMENT_IDS, BAD_ARGUMENTS, BAD_BACKWARD_INPUTS, SPLITS,
+                           as_double, cuts_of, shard_bwd_args, shard_fwd_args, sharded_loss)
 
 pytestmark = pytest.mark.skipif(not uk._C_loader.available(),
                                 reason=f"extension not built: {uk._C_loader.error()}")
@@ -207,56 +208,23 @@ def test_the_cpu_backend_runs_the_compiled_ops():
     assert all(torch.equal(a, b) for a, b in zip(got, direct))
 
 
-def _fwd_args(**change):
-    x, w, t = make_inputs(6, 5, 10, seed=22)
-    t[2] = -100
-    g = torch.Generator().manual_seed(1)
-    args = dict(x=x, weight=w[3:7], target=t, bias=None, class_weight=torch.rand(10, generator=g),
-                sample_weight=torch.rand(6, generator=g), class_offset=3, num_classes=10,
-                normalize=True, scale=16.0, margin=0.3, cos_margin=0.1, label_smoothing=0.05,
-                ignore_index=-100, straight_through=False)
-    args.update(change)
-    return args
-
-
-def _bwd_args(**change):
-    rows = {k: change.pop(k) for k in ("grad_rows", "lse", "grl_lambda") if k in change}
-    fwd = list(_fwd_args(**change).items())
-    return dict(grad_rows=rows.get("grad_rows", torch.randn(6)), **dict(fwd[:6]),
-                lse=rows.get("lse", torch.randn(6) + 3),
-                grl_lambda=rows.get("grl_lambda", torch.tensor(0.4)), **dict(fwd[6:]))
-
-
-@pytest.mark.parametrize("change,name", [
-    (dict(class_offset=7), "class_offset"), (dict(class_offset=-1), "class_offset"),
-    (dict(num_classes=0), "num_classes"), (dict(class_weight=torch.ones(4)), "class_weight"),
-    (dict(weight=torch.ones(4, 6)), "weight"),
-    (dict(target=torch.zeros(6, dtype=torch.int32)), "target"),
-    (dict(sample_weight=torch.ones(5)), "sample_weight"),
-    (dict(bias=torch.zeros(4)), "bias"),
-    (dict(normalize=False, bias=torch.zeros(10)), "bias"),
-], ids=["offset_past_the_end", "negative_offset", "no_classes", "class_weight_of_the_shard",
-        "weight_width", "int32_target", "sample_weight_length", "bias_on_the_angular_head",
-        "bias_of_the_whole_head"])
+@pytest.mark.parametrize("change,name", BAD_ARGUMENTS, ids=BAD_ARGUMENT_IDS)
 def test_bad_arguments_are_named(change, name):
     with pytest.raises((ValueError, TypeError), match=name):
-        OPS.margin_ce_shard_fwd(*_fwd_args(**change).values())
+        OPS.margin_ce_shard_fwd(*shard_fwd_args(**change).values())
     with pytest.raises((ValueError, TypeError), match=name):
-        OPS.margin_ce_shard_bwd(*_bwd_args(**change).values())
+        OPS.margin_ce_shard_bwd(*shard_bwd_args(**change).values())
 
 
-@pytest.mark.parametrize("change,name", [(dict(grad_rows=torch.ones(5)), "grad_rows"),
-                                         (dict(lse=torch.ones(6, 1)), "lse"),
-                                         (dict(lse=torch.ones(6, dtype=torch.int64)), "lse"),
-                                         (dict(grl_lambda=torch.ones(2)), "grl_lambda")])
+@pytest.mark.parametrize("change,name", BAD_BACKWARD_INPUTS)
 def test_bad_backward_inputs_are_named(change, name):
     with pytest.raises((ValueError, TypeError), match=name):
-        OPS.margin_ce_shard_bwd(*_bwd_args(**change).values())
+        OPS.margin_ce_shard_bwd(*shard_bwd_args(**change).values())
 
 
 @pytest.mark.parametrize("args", [
-    _fwd_args(), _fwd_args(weight=torch.empty(0, 5), class_offset=10),
-    _fwd_args(normalize=False, bias=torch.randn(4), class_weight=None, sample_weight=None),
+    shard_fwd_args(), shard_fwd_args(weight=torch.empty(0, 5), class_offset=10),
+    shard_fwd_args(normalize=False, bias=torch.randn(4), class_weight=None, sample_weight=None),
 ], ids=["angular", "empty_shard", "linear"])
 def test_opcheck(args):
     torch.library.opcheck(OPS.margin_ce_shard_fwd.default, tuple(args.values()))

@@ -78,3 +78,17 @@ def test_small_c_grid_functions_used_by_the_launch():
     kernels = {k.split(":")[1] for k, _ in rec.launches}
     assert "_small_c_kernel" in kernels
     assert small_c._main_grid(5) == (5,)
+
+
+@pytest.mark.parametrize("C_l", CS)
+@pytest.mark.parametrize("B", BS)
+def test_shard_mode_grids_within_cuda_limits(B, C_l):
+    # One shard's forward and backward (the tiled kernels with a class offset), of 2·C_l classes.
+    for dtype in ("bf16", "fp32"):
+        _check_all(plan.plan_shard(B, 512, C_l, 2 * C_l, dtype, class_offset=C_l))
+    _check_all(plan.plan_shard(B, 64, C_l, C_l, "fp16", w_dtype="fp32", normalize=False))
+
+
+def test_shard_mode_without_classes_launches_nothing():
+    # A shard without classes (C_l = 0) is answered on the host: −inf, zeros, NaN rows.
+    assert plan.plan_shard(4097, 512, 0, 3, "bf16").launches == []

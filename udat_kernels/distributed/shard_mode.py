@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C_loader, reference
+from .. import _C_loader, dispatch, reference
 from ..ops import _as_lambda_tensor
 
 # Backends whose compiled shard mode serves them, with the suffix of their op pair's names (as
 # `dispatch.Backend.impl`): "" is the C++ pair (CPU here; the CUDA kernels register the same ops
-# for the CUDA dispatch key), "triton" would be margin_ce_shard_{fwd,bwd}_triton. A backend not
-# listed here is served by the reference shard mode.
-COMPILED = {"cpu": ""}
+# for the CUDA dispatch key), "triton" margin_ce_shard_{fwd,bwd}_triton (the Triton backend's
+# large-C kernels). A backend not listed here is served by the reference shard mode.
+COMPILED = {"cpu": "", "triton": "triton"}
 
 # Rows per block of the reference's logits: a block holds at most this many bytes of logits of
 # the shard (in the loss dtype); the reference keeps a few temporaries of that size alive. The
@@ -35,11 +35,14 @@ def _pair(backend):
     if backend not in COMPILED:
         return None
     suffix = f"_{COMPILED[backend]}" if COMPILED[backend] else ""
+    if suffix:
+        dispatch.get_backend(backend)  # registers a Python backend's ops (imported lazily)
     ops = torch.ops.udat_kernels
     if not _C_loader.available() or not hasattr(ops, "margin_ce_shard_fwd" + suffix):
         raise RuntimeError(f"backend: the {backend!r} shard mode needs the op pair "
-                           f"udat_kernels::margin_ce_shard_{{fwd,bwd}}{suffix}, which this build "
-                           f"of udat_kernels._C does not register; rebuild the extension")
+                           f"udat_kernels::margin_ce_shard_{{fwd,bwd}}{suffix}, which is not "
+                           f"registered (the {backend!r} backend is not usable here, or this "
+                           f"build of udat_kernels._C predates the shard mode: rebuild it)")
     return (getattr(ops, "margin_ce_shard_fwd" + suffix).default,
             getattr(ops, "margin_ce_shard_bwd" + suffix).default)
 

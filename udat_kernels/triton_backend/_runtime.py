@@ -121,7 +121,8 @@ def device_guard(device: torch.device):
 # Integer arguments that are counts or offsets, not strides: the kernels are not specialized on
 # their values (no recompilation when a count is 1 or a multiple of 16). Every launched kernel
 # passes this to @triton.jit(do_not_specialize=...); the recorder follows it.
-COUNTS = ("B", "C", "R", "NT", "n_denom", "row0", "ignore_index", "N", "P", "SPAN")
+COUNTS = ("B", "C", "NC", "R", "NT", "n_denom", "row0", "ignore_index", "class_offset", "N", "P",
+          "SPAN")
 
 
 def _not_specialized(kernel) -> set:

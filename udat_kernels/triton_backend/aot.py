@@ -7,7 +7,8 @@ spills, TF32 dots), so every distinct launch is also compiled for an NVIDIA targ
   named by UDAT_TRITON_LAUNCHES (argument types, 16-byte alignment and value-1 specializations,
   constexprs, num_warps, num_stages), and
 - those the launchers plan at every GPU target shape of the performance model (plan.py on an
-  H200 stand-in: the paper batch, the bandwidth shapes and the large heads).
+  H200 stand-in: the paper batch, the bandwidth shapes and the large heads), and one shard of
+  the shard mode (`plan_shard`).
 
 Each distinct specialization is compiled once, in parallel, with the Triton that runs this
 module; the cubin's resource usage and SASS give registers, shared memory, spills, blocks per SM
@@ -50,6 +51,9 @@ TARGET_SHAPES = (
     ("bandwidth", 65536, 1024, 7, "fp32"), ("bandwidth", 65536, 1024, 7, "bf16"),
     ("large", 8192, 512, 100_000, "bf16"), ("large", 8192, 512, 1_000_000, "bf16"),
 )
+# One rank's shard in the shard mode (docs/design.md, "Shard mode"): half of 10^6 classes, the
+# global batch of the distributed benchmark: (label, B, D, C_l, dtype), num_classes = 2·C_l.
+SHARD_TARGET_SHAPES = (("shard", 1024, 512, 500_000, "bf16"),)
 
 # H200 (compute capability 9.0) per-SM limits, as in benchmarks/model_params.py.
 REGS_PER_SM = 65536
@@ -79,8 +83,11 @@ def target_specs() -> dict[str, dict]:
     from ._runtime import spec_key
 
     out: dict[str, dict] = {}
-    for label, B, D, C, dtype in TARGET_SHAPES:
-        rec = plan.plan(B, D, C, dtype)
+    plans = [(label, B, D, C, dtype, plan.plan(B, D, C, dtype))
+             for label, B, D, C, dtype in TARGET_SHAPES]
+    plans += [(label, B, D, C, dtype, plan.plan_shard(B, D, C, 2 * C, dtype))
+              for label, B, D, C, dtype in SHARD_TARGET_SHAPES]
+    for label, B, D, C, dtype, rec in plans:
         for key, spec in rec.specs.items():
             entry = out.setdefault(key, dict(spec, origins=[]))
             entry["origins"].append(f"{label} ({B}, {D}, {C}) {dtype}")

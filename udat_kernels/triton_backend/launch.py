@@ -3,16 +3,19 @@
 `margin_ce_fwd` / `margin_ce_bwd` here take the arguments of the C++ ops' schema (docs/design.md)
 and return what those ops return, so the two backends are interchangeable behind one autograd
 formula. Heads with C <= small_c.SMALL_C_MAX run the single-pass kernel; larger heads the tiled
-path.
+path. `margin_ce_shard_fwd` / `margin_ce_shard_bwd` are the shard mode (docs/design.md, "Shard
+mode"), always on the tiled path: shards are the large-C use case.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from . import small_c, tiled
 from ._common import MarginConsts
-from ._runtime import device_guard
+from ._runtime import Cost, device_guard, torch_kernel
 
 _HALF_OR_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -21,8 +24,13 @@ def use_small_c(C: int) -> bool:
     return C <= small_c.SMALL_C_MAX
 
 
-def _check(x, weight, target, bias, class_weight, sample_weight, grl_lambda, normalize):
-    """The checks the C++ ops share, plus the Triton backend's own dtype limits."""
+def _check(x, weight, target, bias, class_weight, sample_weight, grl_lambda, normalize,
+           num_classes=None):
+    """The checks the C++ ops share, plus the Triton backend's own dtype limits.
+
+    num_classes: the shard mode's whole class count (weight is then a shard, possibly empty,
+    class_weight the whole vector, and the weight vectors may also be float64, as the
+    sharded loss gathers sample weights); None for the ordinary op."""
     for name, t in (("x", x), ("weight", weight)):
         if t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
@@ -31,16 +39,23 @@ def _check(x, weight, target, bias, class_weight, sample_weight, grl_lambda, nor
                             f"{t.dtype} (float64 runs on the cpu, cuda and reference backends)")
     B, D = x.shape
     C = weight.shape[0]
-    if weight.shape[1] != D or C < 1:
+    if num_classes is None and (weight.shape[1] != D or C < 1):
         raise ValueError(f"weight: expected (C >= 1, {D}) to match x, got {tuple(weight.shape)}")
+    if num_classes is not None and weight.shape[1] != D:
+        raise ValueError(f"weight: expected (C_l, {D}) to match x's feature size, got "
+                         f"{tuple(weight.shape)}")
     if target.dtype != torch.int64 or tuple(target.shape) != (B,):
         raise ValueError(f"target: expected int64 of shape ({B},), got {target.dtype} "
                          f"{tuple(target.shape)}")
-    for name, t, n in (("bias", bias, C), ("class_weight", class_weight, C),
+    whole = C if num_classes is None else num_classes
+    vector_dtypes = _HALF_OR_SINGLE if num_classes is None else _HALF_OR_SINGLE + (torch.float64,)
+    for name, t, n in (("bias", bias, C), ("class_weight", class_weight, whole),
                        ("sample_weight", sample_weight, B)):
-        if t is not None and (tuple(t.shape) != (n,) or t.dtype not in _HALF_OR_SINGLE):
-            raise ValueError(f"{name}: expected a float32/float16/bfloat16 tensor of shape "
-                             f"({n},), got {t.dtype} {tuple(t.shape)}")
+        dtypes = _HALF_OR_SINGLE if name == "bias" else vector_dtypes
+        if t is not None and (tuple(t.shape) != (n,) or t.dtype not in dtypes):
+            names = "/".join(str(d).split(".")[1] for d in dtypes)
+            raise ValueError(f"{name}: expected a {names} tensor of shape ({n},), got "
+                             f"{t.dtype} {tuple(t.shape)}")
     for name, t in (("weight", weight), ("target", target), ("bias", bias),
                     ("class_weight", class_weight), ("sample_weight", sample_weight)):
         if t is not None and t.device != x.device:
@@ -146,6 +161,111 @@ def _bwd(grad_loss, x, weight, target, bias, class_weight, sample_weight, lse, g
         out = tiled.tiled_launch(x, weight, target, bias, cw, sw, lam, grad_loss,
                                  lse.to(torch.float32).contiguous(), *common)
     _, _, gx, gw, gb = out
+    if gb is None:
+        gb = x.new_empty((0,), dtype=torch.float32)
+    return gx, gw, gb
+
+
+# ----------------------------------------------------------------------------------------------
+# the shard mode (docs/math.md, "Class shards"; docs/design.md, "Shard mode")
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_shard(x, weight, target, bias, class_weight, sample_weight, grl_lambda, class_offset,
+                 num_classes, normalize, scale, margin, cos_margin, label_smoothing):
+    """check_shard_inputs of the C++ ops (csrc/udat_ce.h), with the Triton dtype limits."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes: expected at least one class, got {num_classes}")
+    _check(x, weight, target, bias, class_weight, sample_weight, grl_lambda, normalize,
+           num_classes=num_classes)
+    C_l = weight.shape[0]
+    if not 0 <= class_offset <= num_classes - C_l:
+        raise ValueError(f"class_offset: the shard's classes [class_offset, class_offset + {C_l})"
+                         f" must lie in [0, num_classes = {num_classes}), got class_offset "
+                         f"{class_offset}")
+    if normalize:
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale: expected a finite positive number, got {scale}")
+        if not 0 <= margin < math.pi:
+            raise ValueError(f"margin: expected 0 <= margin < pi (radians), got {margin}")
+        if not (math.isfinite(cos_margin) and cos_margin >= 0):
+            raise ValueError(f"cos_margin: expected a finite number >= 0, got {cos_margin}")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, got "
+                         f"{label_smoothing}")
+
+
+def _check_rows(x, grad_rows, lse):
+    """check_shard_rows of the C++ ops: grad_rows and lse floating point, (B,), on x's device."""
+    for name, t in (("grad_rows", grad_rows), ("lse", lse)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        if tuple(t.shape) != (x.shape[0],):
+            raise ValueError(f"{name}: expected shape ({x.shape[0]},) (one per row of x), got "
+                             f"{tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on {x.device} like x, got {t.device}")
+
+
+def _single(t):
+    """A float64 weight vector as float32 (the kernels read weights in fp32)."""
+    return t.to(torch.float32) if t is not None and t.dtype == torch.float64 else t
+
+
+def margin_ce_shard_fwd(x, weight, target, bias, class_weight, sample_weight, class_offset,
+                        num_classes, normalize, scale, margin, cos_margin, label_smoothing,
+                        ignore_index, straight_through):
+    """One shard's forward: (lse^(r), q^(r)), both (B,) fp32; see docs/design.md."""
+    _check_shard(x, weight, target, bias, class_weight, sample_weight, None, class_offset,
+                 num_classes, normalize, scale, margin, cos_margin, label_smoothing)
+    B, C_l = x.shape[0], weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    if B == 0:
+        return torch.empty((0,), **f32), torch.empty((0,), **f32)
+    if C_l == 0:
+        # No classes: lse^(r) = −inf, q^(r) = 0, NaN where the target is outside [0, C).
+        torch_kernel("fill", Cost(bytes=B * 4))
+        torch_kernel("where", Cost(bytes=B * 12))
+        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+        return (torch.full((B,), -math.inf, **f32),
+                torch.where(bad, torch.full((), math.nan, **f32), torch.zeros((), **f32)))
+    with device_guard(x.device):
+        x, weight, target, bias, cw, sw = _contiguous(x, weight, target, bias,
+                                                      _single(class_weight),
+                                                      _single(sample_weight))
+        consts = MarginConsts(normalize, scale, margin, cos_margin)
+        partial, lse, *_ = tiled.tiled_launch(
+            x, weight, target, bias, cw, sw, None, None, None, consts, normalize,
+            float(label_smoothing), int(ignore_index), 0, bool(straight_through), True, False,
+            shard=(int(class_offset), int(num_classes)))
+    return lse, partial
+
+
+def margin_ce_shard_bwd(grad_rows, x, weight, target, bias, class_weight, sample_weight, lse,
+                        grl_lambda, class_offset, num_classes, normalize, scale, margin,
+                        cos_margin, label_smoothing, ignore_index, straight_through):
+    """One shard's backward from the combined lse and ∂L/∂loss_i: (grad x part in fp32,
+    grad W of the shard, grad b of the shard or an empty (0,) tensor)."""
+    _check_shard(x, weight, target, bias, class_weight, sample_weight, grl_lambda, class_offset,
+                 num_classes, normalize, scale, margin, cos_margin, label_smoothing)
+    _check_rows(x, grad_rows, lse)
+    B, C_l = x.shape[0], weight.shape[0]
+    if B == 0 or C_l == 0:
+        torch_kernel("fill", Cost(bytes=x.numel() * 4 + weight.numel() * weight.element_size()))
+        return (torch.zeros(x.shape, dtype=torch.float32, device=x.device),
+                torch.zeros_like(weight),
+                torch.zeros_like(bias) if bias is not None
+                else x.new_empty((0,), dtype=torch.float32))
+    with device_guard(x.device):
+        x, weight, target, bias, cw, sw = _contiguous(x, weight, target, bias,
+                                                      _single(class_weight),
+                                                      _single(sample_weight))
+        consts = MarginConsts(normalize, scale, margin, cos_margin)
+        _, _, gx, gw, gb = tiled.tiled_launch(
+            x, weight, target, bias, cw, sw, _lambda_on(grl_lambda, x.device),
+            grad_rows.to(torch.float32).contiguous(), lse.to(torch.float32).contiguous(),
+            consts, normalize, float(label_smoothing), int(ignore_index), 0,
+            bool(straight_through), False, True, shard=(int(class_offset), int(num_classes)))
     if gb is None:
         gb = x.new_empty((0,), dtype=torch.float32)
     return gx, gw, gb

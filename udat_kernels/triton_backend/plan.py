@@ -4,6 +4,7 @@
 (_runtime.planning) with a stand-in for the device (an H200 by default), and returns the
 Recorder: every launch's kernel and grid, and the distinct specializations. The grid test, the
 ahead-of-time compile (the GPU target shapes) and the performance model read it.
+`plan_shard` plans one shard's step of the shard mode alike.
 """
 
 from __future__ import annotations
@@ -43,4 +44,25 @@ def plan(B: int, D: int, C: int, dtype="bf16", *, w_dtype=None, normalize: bool 
         if not grad_in_forward:
             launch.margin_ce_bwd(torch.ones_like(loss), x, w, t, bias, None, None, lse, lam,
                                  *margin_args)
+    return rec
+
+
+def plan_shard(B: int, D: int, C_l: int, num_classes: int | None = None, dtype="bf16", *,
+               w_dtype=None, normalize: bool = True, class_offset: int = 0,
+               info: DeviceInfo = H200) -> Recorder:
+    """The launches of one shard's step in the shard mode (docs/design.md, "Shard mode"): its
+    forward and its backward, with C_l classes of num_classes (default 2·C_l) and every
+    optional input that changes a launch (class weights, sample weights, λ)."""
+    dt = _DTYPES.get(dtype, dtype)
+    wdt = _DTYPES.get(w_dtype, w_dtype) if w_dtype is not None else dt
+    NC = num_classes if num_classes is not None else max(1, 2 * C_l)
+    x, w = _meta(B, D, dtype=dt), _meta(C_l, D, dtype=wdt)
+    t = _meta(B, dtype=torch.int64)
+    bias = None if normalize else _meta(C_l, dtype=wdt)
+    cw, sw = _meta(NC), _meta(B)
+    head = (normalize, 64.0, 0.5, 0.0, 0.1, -100, False)
+    with planning(info) as rec:
+        lse, _ = launch.margin_ce_shard_fwd(x, w, t, bias, cw, sw, class_offset, NC, *head)
+        launch.margin_ce_shard_bwd(torch.ones_like(lse), x, w, t, bias, cw, sw, lse,
+                                   _meta(dtype=torch.float32), class_offset, NC, *head)
     return rec

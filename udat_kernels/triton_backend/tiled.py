@@ -22,6 +22,10 @@ rows (docs/design.md, "The Triton kernels"):
 
 Traffic per logit: P̃ written once and read by each gradient GEMM (6 bytes for bf16), plus the
 tile partials (12 bytes per row and 128 classes).
+
+The same kernels run the shard mode (docs/design.md, "Shard mode"): given a class offset and the
+whole problem's class count, the row kernel writes each row's partial q_i in place of its loss
+and the backward takes the combined log-sum-exp; the ordinary op is offset 0 of C classes.
 """
 
 from __future__ import annotations
@@ -77,6 +81,9 @@ def _logits_kernel(
     Σ w_j z_j per row and class tile; zy, cy (R,): the target's z and raw cosine, from the tile
     that holds it. One grid axis (_logits_grid): the row tiles of a class tile are consecutive
     programs, so that W's tile is read once from HBM while the chunk of x stays in L2.
+
+    In the shard mode the targets, ignore_index and class weights come shifted by the shard's
+    class offset (tiled_launch), so that column j is the target where y − o = j.
     """
     pid = tl.program_id(0).to(tl.int64)
     n_m = tl.cdiv(R, BLOCK_M)
@@ -145,16 +152,23 @@ def _logits_kernel(
 @triton.jit(do_not_specialize=COUNTS)
 def _row_lse_kernel(
     stats_ptr, zy_ptr, cy_ptr, coef_ptr, target_ptr, cw_ptr, sw_ptr, gloss_ptr, denom_ptr,
-    wsum_ptr, lse_in_ptr, loss_ptr, lse_ptr, row0, R, B, C, NT, n_denom, ignore_index,
-    scale, cos_m, sin_m, threshold, smoothing,
+    wsum_ptr, lse_in_ptr, loss_ptr, lse_ptr, row0, R, B, C, NC, class_offset, NT, n_denom,
+    ignore_index, scale, cos_m, sin_m, threshold, smoothing,
     NORMALIZE: tl.constexpr, HAS_MARGIN: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
     HAS_CW: tl.constexpr, HAS_SW: tl.constexpr, HAS_GLOSS: tl.constexpr,
     REDUCTION: tl.constexpr, WRITE_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    HAS_LSE: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_LSE: tl.constexpr, SHARD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Row r of the chunk: lse and loss_i from its tile partials; for the gradient, the row's
     coefficients coef (4, R) = (k_i·s, a_i + ε/C·Σw, a_i, ψ'_i) and e_t = exp(m_t − lse) in
-    place of each tile's max."""
+    place of each tile's max.
+
+    The tiles cover the classes [class_offset, class_offset + C) of NC (the ordinary op: 0 and
+    C = NC); a_i, ε/NC, Σw and the target's range are the whole problem's. SHARD: the shard
+    mode's rows (docs/math.md, "Class shards"): the forward writes q_i = −v_i·[a_i·z_iy·[owned]
+    + ε/NC·Σ_j w_j z_ij] in place of the loss, and a row whose target is outside [0, NC) gets a
+    NaN gradient (the ordinary op gives it none). target and cw are the whole problem's (not
+    shifted), and class_offset places this call's classes in it."""
     r = tl.program_id(0).to(tl.int64)
     row = row0 + r
     offs = tl.arange(0, BLOCK_T)
@@ -162,18 +176,22 @@ def _row_lse_kernel(
     if COMPUTE_GRAD and REDUCTION == 1:
         denom = sum_partials(denom_ptr, n_denom, 1, 64)
         inv_denom = tl.where(denom != 0.0, 1.0 / tl.where(denom != 0.0, denom, 1.0), 0.0)
-    tgt, valid, in_range, v, k = row_scale(target_ptr, sw_ptr, gloss_ptr, row, row < B, B, C,
+    tgt, valid, in_range, v, k = row_scale(target_ptr, sw_ptr, gloss_ptr, row, row < B, B, NC,
                                            ignore_index, inv_denom, HAS_SW, HAS_GLOSS, REDUCTION)
     ok_t = valid & in_range
+    # The target is among this call's classes (every valid row, in the ordinary op).
+    owned = ok_t & (tgt >= class_offset) & (tgt - class_offset < C)
+    if SHARD:
+        k = tl.where(valid & ((tgt < 0) | (tgt >= NC)), float("nan"), k)
     safe_t = tl.where(ok_t, tgt, 0)
     if HAS_CW:
         w_y = tl.load(cw_ptr + safe_t).to(tl.float32)
         wsum = tl.load(wsum_ptr)
     else:
         w_y = 1.0
-        wsum = C * 1.0
+        wsum = NC * 1.0
     a = (1.0 - smoothing) * w_y
-    smooth_b = smoothing / C
+    smooth_b = smoothing / NC
     st = stats_ptr + r * NT
 
     if HAS_LSE:
@@ -197,11 +215,23 @@ def _row_lse_kernel(
         for t0 in range(0, NT, BLOCK_T):
             tt = t0 + offs
             wz_vec += tl.load(st + 2 * R * NT + tt, mask=tt < NT, other=0.0)
-        z_y = tl.load(zy_ptr + r)
+        # zy is written only where a tile holds the target
+        z_y = tl.where(owned, tl.load(zy_ptr + r), 0.0)
         # Without smoothing its term is left out, not multiplied by 0: with a +inf logit it is
         # inf − inf (docs/math.md, "Non-finite inputs").
-        smooth = tl.where(smooth_b != 0.0, smooth_b * (wsum * lse - tl.sum(wz_vec, 0)), 0.0)
-        loss = v * (a * (lse - z_y) + smooth)
+        if SHARD:
+            if NORMALIZE and HAS_MARGIN:
+                # A NaN target cosine: the margin's clamp made its logit finite; the reference's
+                # ψ keeps it NaN, and so must lse^(r) and q_i (which holds z_y without the lse).
+                c_y = tl.load(cy_ptr + r, mask=owned, other=0.0)
+                z_y = tl.where(c_y == c_y, z_y, c_y)
+                lse = tl.where(c_y == c_y, lse, c_y)
+            smooth = tl.where(smooth_b != 0.0, smooth_b * tl.sum(wz_vec, 0), 0.0)
+            loss = -v * (a * z_y + smooth)
+        else:
+            smooth = tl.where(smooth_b != 0.0, smooth_b * (wsum * lse - tl.sum(wz_vec, 0)),
+                              0.0)
+            loss = v * (a * (lse - z_y) + smooth)
         loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
         tl.store(loss_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
@@ -212,12 +242,12 @@ def _row_lse_kernel(
             g_scale = k * scale
         dpsi = 1.0
         if NORMALIZE and HAS_MARGIN and not STRAIGHT_THROUGH:
-            # cy is written only for rows whose target is a class (not ignored, in range)
-            c_y = tl.load(cy_ptr + r, mask=ok_t, other=0.0)
-            dpsi = tl.where(ok_t, margin_dpsi(c_y, cos_m, sin_m, threshold), 1.0)
+            # cy is written only for rows whose target is one of the tiles' classes
+            c_y = tl.load(cy_ptr + r, mask=owned, other=0.0)
+            dpsi = tl.where(owned, margin_dpsi(c_y, cos_m, sin_m, threshold), 1.0)
         tl.store(coef_ptr + r, g_scale)
         tl.store(coef_ptr + R + r, a + smooth_b * wsum)
-        tl.store(coef_ptr + 2 * R + r, tl.where(ok_t, a, 0.0))
+        tl.store(coef_ptr + 2 * R + r, tl.where(owned, a, 0.0))
         tl.store(coef_ptr + 3 * R + r, dpsi)
         for t0 in range(0, NT, BLOCK_T):
             tt = t0 + offs
@@ -228,11 +258,15 @@ def _row_lse_kernel(
 
 @triton.jit
 def _grad_tile(p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, rows_l, row0, cols, R, C, NT,
-               tile, smooth_b, HAS_CW: tl.constexpr, ROWS_FIRST: tl.constexpr):
+               tile, smooth_b, ignore_index, HAS_CW: tl.constexpr, ROWS_FIRST: tl.constexpr,
+               SHARD: tl.constexpr):
     """The tile of G = s·δ·ψ' at local rows rows_l and classes cols (all in one class tile of
     the logits kernel, `tile`), in fp32: (rows, cols) when ROWS_FIRST, else (cols, rows).
 
-    δ_ij = p_ij (a_i + ε/C·Σw) − ε/C·w_j − a_i [j = y_i], with p_ij = P̃_ij e_t.
+    δ_ij = p_ij (a_i + ε/C·Σw) − ε/C·w_j − a_i [j = y_i], with p_ij = P̃_ij e_t (targets,
+    ignore_index and class weights shifted by the shard's offset in the shard mode). SHARD:
+    ignored rows give exactly 0, even where their logits are not finite (docs/math.md, "Class
+    shards").
     """
     r_ok = rows_l < R
     c_ok = cols < C
@@ -242,6 +276,9 @@ def _grad_tile(p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, rows_l, row0, col
     dpsi = tl.load(coef_ptr + 3 * R + rows_l, mask=r_ok, other=1.0)
     e = tl.load(stats_ptr + rows_l * NT + tile, mask=r_ok, other=0.0)
     tgt = tl.load(target_ptr + row0 + rows_l, mask=r_ok, other=-1)
+    live = r_ok
+    if SHARD:
+        live = r_ok & (tgt != ignore_index)
     if HAS_CW:
         wj = tl.load(cw_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
     else:
@@ -252,22 +289,22 @@ def _grad_tile(p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, rows_l, row0, col
         is_t = cols[None, :] == tgt[:, None]
         d = p * (e * pc)[:, None] - smooth_b * wj[None, :] - tl.where(is_t, a[:, None], 0.0)
         g = kg[:, None] * tl.where(is_t, d * dpsi[:, None], d)
-        g = tl.where(r_ok[:, None] & c_ok[None, :], g, 0.0)
+        g = tl.where(live[:, None] & c_ok[None, :], g, 0.0)
     else:
         p = tl.load(p_ptr + rows_l[None, :] * C + cols[:, None],
                     mask=r_ok[None, :] & c_ok[:, None], other=0.0).to(tl.float32)
         is_t = cols[:, None] == tgt[None, :]
         d = p * (e * pc)[None, :] - smooth_b * wj[:, None] - tl.where(is_t, a[None, :], 0.0)
         g = kg[None, :] * tl.where(is_t, d * dpsi[None, :], d)
-        g = tl.where(r_ok[None, :] & c_ok[:, None], g, 0.0)
+        g = tl.where(live[None, :] & c_ok[:, None], g, 0.0)
     return g
 
 
 @triton.jit(do_not_specialize=COUNTS)
 def _grad_x_kernel(
     p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, w_ptr, wnorm_ptr, gx_ptr,
-    row0, R, C, D, NT, stride_w, smooth_b,
-    NORMALIZE: tl.constexpr, HAS_CW: tl.constexpr, DOT_FP32: tl.constexpr,
+    row0, R, C, D, NT, stride_w, smooth_b, ignore_index,
+    NORMALIZE: tl.constexpr, HAS_CW: tl.constexpr, DOT_FP32: tl.constexpr, SHARD: tl.constexpr,
     TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad x̂ rows row0 + r (r < R) = G Ŵ, G formed per tile: gx (B, D) fp32.
@@ -288,7 +325,7 @@ def _grad_x_kernel(
         cols = k0 + offs_k
         c_ok = cols < C
         g = _grad_tile(p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, rows_l, row0, cols, R,
-                       C, NT, k0 // TILE_N, smooth_b, HAS_CW, True)
+                       C, NT, k0 // TILE_N, smooth_b, ignore_index, HAS_CW, True, SHARD)
         if NORMALIZE:
             inv_w = 1.0 / tl.maximum(tl.load(wnorm_ptr + cols, mask=c_ok, other=1.0), 1e-12)
             g = g * inv_w[None, :]
@@ -305,9 +342,9 @@ def _grad_x_kernel(
 @triton.jit(do_not_specialize=COUNTS)
 def _grad_w_kernel(
     p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, x_ptr, xnorm_ptr, gw_ptr, gb_ptr,
-    row0, R, C, D, NT, stride_x, smooth_b,
+    row0, R, C, D, NT, stride_x, smooth_b, ignore_index,
     NORMALIZE: tl.constexpr, HAS_CW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, TILE_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, SHARD: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad ŵ (C, D) fp32 (+)= Gᵀ x̂ over the chunk's rows, G formed per tile; and grad b
@@ -332,7 +369,7 @@ def _grad_w_kernel(
         rows_l = k0 + offs_k
         r_ok = rows_l < R
         g = _grad_tile(p_ptr, stats_ptr, coef_ptr, target_ptr, cw_ptr, rows_l, row0, cols, R,
-                       C, NT, tile, smooth_b, HAS_CW, False)
+                       C, NT, tile, smooth_b, ignore_index, HAS_CW, False, SHARD)
         if HAS_BIAS:
             gb += tl.sum(g, 1)
         if NORMALIZE:
@@ -511,13 +548,19 @@ def _project(g, v, out, lam, normalize):
 
 def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambda, grad_loss,
                  lse_in, consts: MarginConsts, normalize, smoothing, ignore_index, reduction,
-                 straight_through, write_loss, compute_grad):
+                 straight_through, write_loss, compute_grad, shard=None):
     """Run the tiled path; returns (loss, lse, grad_x, grad_weight, grad_bias) like small_c_launch.
 
     lse_in (B,) fp32 or None: the forward's log-sum-exp, reused by the backward.
+    shard (class_offset, num_classes) or None: the shard mode (docs/design.md, "Shard mode"):
+    weight holds the classes [class_offset, class_offset + C) of num_classes, class_weight is
+    the whole (num_classes,) vector, targets are global; with reduction none, `loss` is then
+    the rows' partial q_i, lse_in the combined log-sum-exp, grad_loss ∂L/∂loss_i, and grad x
+    comes in fp32. None is the ordinary op: offset 0 of C classes.
     """
     B, D = x.shape
     C = weight.shape[0]
+    offset, NC = shard if shard is not None else (0, C)
     dev = x.device
     info = device_info(dev)
     f32 = dict(dtype=torch.float32, device=dev)
@@ -546,8 +589,8 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
     wsum = None
     if class_weight is not None:
         wsum = torch.empty((), **f32)
-        launch(_sum_kernel, (1,), (class_weight, wsum, C), dict(BLOCK=1024), num_warps=4,
-               num_stages=NUM_STAGES, cost=Cost(bytes=C * 4, inflight=4096, barriers=2))
+        launch(_sum_kernel, (1,), (class_weight, wsum, NC), dict(BLOCK=1024), num_warps=4,
+               num_stages=NUM_STAGES, cost=Cost(bytes=NC * 4, inflight=4096, barriers=2))
     if compute_grad:
         gx_hat = torch.empty((B, D), **f32)
         gw_acc = torch.empty((C, D), **f32)
@@ -555,13 +598,21 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
     dfp32 = dot_fp32(x, weight, info)
     gdot = "fp32" if gemm == torch.float32 or not info.gpu else "bf16"
     block_t = min(1024, triton.next_power_of_2(NT))
-    smooth_b = smoothing / C
+    smooth_b = smoothing / NC
+    # The tile kernels see this call's classes as columns 0..C-1: in the shard mode they get the
+    # targets and ignore_index shifted by the offset and the class weights from the offset on
+    # (the row kernel keeps the whole problem's).
+    t_l, ign_l, cw_l = target, ignore_index, class_weight
+    if offset:
+        torch_kernel("sub", Cost(bytes=B * 16))
+        t_l, ign_l = target - offset, ignore_index - offset
+        cw_l = class_weight[offset:] if class_weight is not None else None
 
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
         launch(_logits_kernel, _logits_grid(rows, C, bm, bn),
-               (x, weight, target, dummy(bias, zy), dummy(class_weight, zy), xnorm, wnorm, p,
-                stats, zy, cy, row0, rows, C, D, NT, x.stride(0), weight.stride(0), ignore_index,
+               (x, weight, t_l, dummy(bias, zy), dummy(cw_l, zy), xnorm, wnorm, p,
+                stats, zy, cy, row0, rows, C, D, NT, x.stride(0), weight.stride(0), ign_l,
                 *consts.args()),
                dict(NORMALIZE=normalize, HAS_MARGIN=normalize and consts.has_margin,
                     HAS_BIAS=bias is not None, HAS_CW=class_weight is not None, DOT_FP32=dfp32,
@@ -574,14 +625,13 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
         launch(_row_lse_kernel, _row_grid(rows),
                (stats, zy, cy, coef, target, dummy(class_weight, zy), dummy(sample_weight, zy),
                 dummy(grad_loss, zy), dummy(denom, zy), dummy(wsum, zy), dummy(lse_in, zy),
-                loss_rows, lse, row0, rows, B, C, NT, n_denom, ignore_index, consts.scale,
-                consts.cos_m,
-                consts.sin_m, consts.threshold, smoothing),
+                loss_rows, lse, row0, rows, B, C, NC, offset, NT, n_denom, ignore_index,
+                consts.scale, consts.cos_m, consts.sin_m, consts.threshold, smoothing),
                dict(NORMALIZE=normalize, HAS_MARGIN=normalize and consts.has_margin,
                     STRAIGHT_THROUGH=straight_through, HAS_CW=class_weight is not None,
                     HAS_SW=sample_weight is not None, HAS_GLOSS=grad_loss is not None,
                     REDUCTION=reduction, WRITE_LOSS=write_loss, COMPUTE_GRAD=compute_grad,
-                    HAS_LSE=lse_in is not None, BLOCK_T=block_t),
+                    HAS_LSE=lse_in is not None, SHARD=shard is not None, BLOCK_T=block_t),
                num_warps=4, num_stages=NUM_STAGES,
                cost=Cost(bytes=rows * NT * 12 * (1 + compute_grad) + rows * 40,
                          inflight=block_t * 8 * (NUM_STAGES - 1),
@@ -590,10 +640,11 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
             continue
         xm, xn, xk = xt
         launch(_grad_x_kernel, _gemm_grid(rows, D, xm, xn),
-               (p, stats, coef, target, dummy(class_weight, zy), weight, wnorm, gx_hat, row0,
-                rows, C, D, NT, weight.stride(0), smooth_b),
+               (p, stats, coef, t_l, dummy(cw_l, zy), weight, wnorm, gx_hat, row0,
+                rows, C, D, NT, weight.stride(0), smooth_b, ign_l),
                dict(NORMALIZE=normalize, HAS_CW=class_weight is not None,
-                    DOT_FP32=gdot == "fp32", TILE_N=bn, BLOCK_M=xm, BLOCK_N=xn, BLOCK_K=xk),
+                    DOT_FP32=gdot == "fp32", SHARD=shard is not None, TILE_N=bn, BLOCK_M=xm,
+                    BLOCK_N=xn, BLOCK_K=xk),
                num_warps=xw, num_stages=xs,
                cost=Cost(bytes=rows * C * pe + C * D * weight.element_size() + rows * D * 4,
                          flops=2 * rows * C * D, dot=gdot,
@@ -601,11 +652,11 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
                          barriers=4, logits=rows * C * pe))
         wm, wn, wk = wt
         launch(_grad_w_kernel, _gemm_grid(C, D, wm, wn),
-               (p, stats, coef, target, dummy(class_weight, zy), x, xnorm, gw_acc,
-                dummy(gb, zy), row0, rows, C, D, NT, x.stride(0), smooth_b),
+               (p, stats, coef, t_l, dummy(cw_l, zy), x, xnorm, gw_acc,
+                dummy(gb, zy), row0, rows, C, D, NT, x.stride(0), smooth_b, ign_l),
                dict(NORMALIZE=normalize, HAS_CW=class_weight is not None,
                     HAS_BIAS=bias is not None, ACCUMULATE=row0 > 0, DOT_FP32=gdot == "fp32",
-                    TILE_N=bn, BLOCK_M=wm, BLOCK_N=wn, BLOCK_K=wk),
+                    SHARD=shard is not None, TILE_N=bn, BLOCK_M=wm, BLOCK_N=wn, BLOCK_K=wk),
                num_warps=ww, num_stages=ws,
                cost=Cost(bytes=rows * C * pe + rows * D * x.element_size()
                          + C * D * 4 * (2 if row0 > 0 else 1), flops=2 * rows * C * D,
@@ -624,7 +675,8 @@ def tiled_launch(x, weight, target, bias, class_weight, sample_weight, grl_lambd
             loss = loss_rows.sum() if reduction == 2 else loss_rows.sum() / denom.sum()
     gx = gw = gbias = None
     if compute_grad:
-        gx = torch.empty_like(x)
+        # the shard mode's part of grad x stays in fp32: the caller sums the shards' parts
+        gx = torch.empty(x.shape, **f32) if shard is not None else torch.empty_like(x)
         gw = torch.empty_like(weight)
         _project(gx_hat, x, gx, grl_lambda, normalize)
         _project(gw_acc, weight, gw, None, normalize)
