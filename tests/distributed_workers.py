@@ -35,14 +35,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, world: int, out: Path, timeout_s: float = 60.0):
-    """Run `scenario` on `world` gloo ranks; kill everything left after `timeout_s`.
+def launch(scenario: str, world: int, out: Path, timeout_s: float = 60.0,
+           script: str = __file__):
+    """Run `scenario` of the worker file `script` (this one by default) on `world` gloo ranks;
+    kill everything left after `timeout_s`.
     Returns (return codes, combined output per rank, results per rank or None)."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__)), scenario, str(r), str(world),
+    procs = [subprocess.Popen([sys.executable, str(Path(script)), scenario, str(r), str(world),
                                str(port), str(out)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for r in range(world)]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -40,8 +39,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 
 ARC = (64.0, 1.0, 0.5, 0.0)
 COS = (64.0, 1.0, 0.0, 0.35)
@@ -52,34 +49,10 @@ COS = (64.0, 1.0, 0.0, 0.35)
 # ---------------------------------------------------------------------------------------------
 
 def launch(scenario: str, world: int, out: Path, timeout_s: float = 60.0):
-    """Run `scenario` on `world` gloo ranks; kill them all after `timeout_s`.
-    Returns (return codes, output per rank, results per rank or None)."""
-    from distributed_workers import free_port
+    """Run `scenario` of this file on `world` gloo ranks (distributed_workers.launch)."""
+    from distributed_workers import launch as launch_workers
 
-    out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__)), scenario, str(r), str(world),
-                               str(port), str(out)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    deadline = time.monotonic() + timeout_s
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(0.1, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            logs.append(p.communicate()[0])
-            raise AssertionError(f"{scenario} on {world} ranks did not finish in {timeout_s} s:\n"
-                                 + "\n".join(logs))
-    results = []
-    for r in range(world):
-        f = out / f"rank{r}.pt"
-        results.append(torch.load(f, weights_only=False) if f.exists() else None)
-    return [p.returncode for p in procs], logs, results
+    return launch_workers(scenario, world, out, timeout_s, script=__file__)
 
 
 # ---------------------------------------------------------------------------------------------
