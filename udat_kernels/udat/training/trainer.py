@@ -451,12 +451,15 @@ class Trainer:
         folder holds and train again. Without either, a folder holding a run is refused.
         """
         check_run_folder(self.out_dir, resume, overwrite)
-        # every rank has looked at the folder before rank 0 changes it
-        self.ranks.barrier("checking the run folder")
+        done = self.out_dir / "result.json"
+        reuse = resume and done.exists() and not overwrite
+        start = ("result.json" if reuse else "last.pt"
+                 if resume and (self.out_dir / "last.pt").exists() and not overwrite else "new")
+        # every rank has looked at the folder before rank 0 changes it, and saw the same
+        self._same_folder_everywhere(start)
         if self.ranks.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        done = self.out_dir / "result.json"
-        if resume and done.exists() and not overwrite:
+        if reuse:
             try:
                 result = json.loads(done.read_text())
             except json.JSONDecodeError as error:
@@ -465,7 +468,7 @@ class Trainer:
             self._check_same_run(result.get("key_fields", {}), "result.json")
             self.ranks.barrier("reading result.json")
             return result
-        if resume and (self.out_dir / "last.pt").exists() and not overwrite:
+        if start == "last.pt":
             self.load_state_dict(load_checkpoint(
                 self.out_dir / "last.pt",
                 remedy="delete it to train the run from its beginning (or pass --overwrite)"))
@@ -490,6 +493,16 @@ class Trainer:
                     missing_ok=True)
         self.ranks.barrier("waiting for rank 0 to write result.json")
         return result
+
+    def _same_folder_everywhere(self, start: str) -> None:
+        """Every rank must start from the same files (one folder, or a shared file system
+        across machines): how each rank would start, compared."""
+        views = self.ranks.gather(start, "comparing the run folder across ranks")
+        if len(set(views)) > 1:
+            seen = ", ".join(f"rank {r}: {v}" for r, v in enumerate(views))
+            raise ResumeError(f"{self.out_dir}: the ranks see different run folders (would start "
+                              f"from {seen}); every rank must see the same folder — across "
+                              f"machines, put it on a shared file system")
 
     def _run_epoch(self) -> None:
         started = time.perf_counter()
