@@ -157,3 +157,17 @@ def test_uneven_batch_is_refused():
     with pytest.raises(ValueError, match="batch_size: 48 .* 5 processes"):
         Trainer(config(), source, target, "unused", progress=False, ranks=Ranks(0, 5))
     assert part(48, 1, 5) == (10, 20) and part(7, 3, 4) == (6, 7)
+
+
+def test_udat_train_refuses_a_batch_that_does_not_split(monkeypatch, tmp_path, capsys):
+    """Under torchrun (WORLD_SIZE > 1) the usage error names --batch-size, before anything
+    is loaded or any process group is started."""
+    from udat_kernels.udat.arguments import parse_train
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        parse_train(["--out", str(tmp_path / "run"), "--batch-size", "64"])
+    assert "argument --batch-size: 64 images per domain do not split evenly over the 3 " \
+        "processes" in capsys.readouterr().err
+    assert parse_train(["--out", str(tmp_path / "run"), "--batch-size", "63"]).run.train \
+        .batch_size == 63
