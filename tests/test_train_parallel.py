@@ -133,6 +133,7 @@ def test_only_rank_0_writes_and_every_rank_resumes(two_ranks, one_process):
 
 @pytest.mark.parametrize("scenario", ["raises", "dies", "stalls"])
 def test_a_failed_rank_fails_the_other_with_a_clear_error(tmp_path, scenario):
+    # one after the other: launched together, the six processes starve on two busy cores
     codes, logs, results = launch(scenario, 2, tmp_path, timeout_s=150,
                                   script=str(__import__("train_workers").__file__))
     assert codes[1] != 0, logs[1]  # the stalled rank fails too, when it comes back
@@ -142,12 +143,12 @@ def test_a_failed_rank_fails_the_other_with_a_clear_error(tmp_path, scenario):
     assert "rank 0 of 2" in r["message"] and "another rank died, raised, or did not reach" \
         in r["message"], r["message"]
     assert r["step"] <= 2
-    # a dead rank is noticed when its connections close; a stalled one when the timeout (20 s
-    # here) passes, not gloo's 30 minutes
+    # seconds rank 0 waited after its step 1: a dead rank is noticed when its connections
+    # close; a stalled one when the timeout (20 s here) passes, not gloo's 30 minutes
     if scenario == "stalls":
-        assert 20 <= r["seconds"] < 60, r
+        assert 19 <= r["seconds"] < 50, r
     else:
-        assert r["seconds"] < 30, r
+        assert r["seconds"] < 15, r
 
 
 def test_uneven_batch_is_refused():

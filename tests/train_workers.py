@@ -98,14 +98,18 @@ def scenario_fit(rank, world, out, ranks):
 
 
 def _failing(rank, ranks, fail):
-    """Rank 1 fails after step 1 with `fail`; rank 0 reports what it raised, and when."""
+    """Rank 1 fails after step 1 with `fail`; rank 0 reports what it raised, and how long
+    after its own step 1 (the time it waited for the failed rank)."""
     from udat_kernels.udat.training import Trainer
 
     source, target = domains()
+    marks = {}
 
     def on_step(trainer):
-        if rank == 1 and trainer.step == 1:
-            fail()
+        if trainer.step == 1:
+            marks["step 1"] = time.monotonic()
+            if rank == 1:
+                fail()
 
     trainer = Trainer(config(), source, target, Path(os.environ["UDAT_TEST_OUT"]) / "run",
                       progress=False, on_step=on_step, ranks=ranks)
@@ -116,8 +120,8 @@ def _failing(rank, ranks, fail):
     try:
         trainer.fit()
     except Exception as error:  # noqa: BLE001 - reported to the test
-        return {"type": type(error).__name__, "message": str(error),
-                "seconds": time.monotonic() - t0, "step": trainer.step}
+        return {"type": type(error).__name__, "message": str(error), "step": trainer.step,
+                "seconds": time.monotonic() - marks.get("step 1", t0)}
     return {"type": None, "seconds": time.monotonic() - t0, "step": trainer.step}
 
 
