@@ -102,6 +102,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--width", type=float, help="conv width multiplier (preset's if unset)")
     model.add_argument("--input-size", type=int, help="input side, a multiple of 32")
     model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None)
+    model.add_argument("--dropout", type=float,
+                       help="dropout probability after FC1 and FC2, 0 for none (preset's if "
+                            "unset)")
     model.add_argument("--init", help="VGG16 state dict (torchvision or VGG-Face naming)")
     model.add_argument("--scale", type=float, help=f"angular head's s (default {m.scale:g})")
     train = parser.add_argument_group("training")
@@ -146,7 +149,7 @@ def usage_error(prog: str, message: str):
 def _resolve(args, recipe: str) -> tuple[dict, list[str]]:
     """{"section.field": value} for the run options: the command line's, else the recipe's;
     and the fields where the command line changed what the recipe would have used (its value,
-    the default, or for width, input size and BatchNorm the preset's)."""
+    the default, or for width, input size, BatchNorm and dropout the preset's)."""
     values, overrides = {}, []
     recipe_values = RECIPES[recipe]
     preset = PRESETS[getattr(args, "preset", None) or recipe_values.get("model.preset")
@@ -158,7 +161,8 @@ def _resolve(args, recipe: str) -> tuple[dict, list[str]]:
                 continue  # chosen per run, never by a recipe
             if name in recipe_values:
                 would = recipe_values[name]
-            elif section == "model" and f.name in ("width", "input_size", "batch_norm"):
+            elif section == "model" and f.name in ("width", "input_size", "batch_norm",
+                                                   "dropout"):
                 would = getattr(preset, f.name)
             else:
                 would = f.default
@@ -239,9 +243,29 @@ def _early_checks(parser, args, data: DataConfig, model: ModelConfig, train: Tra
     problem = _split_problem(data, labelled)
     if problem:
         parser.error(f"argument --val-fraction: {problem}")
+    _parallel_checks(parser, train)
     if train.deterministic:
         # cuBLAS reads this when it starts, so it is set before anything touches CUDA
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _parallel_checks(parser, train: TrainConfig) -> None:
+    """Under torchrun (WORLD_SIZE > 1): the global batch must split evenly over the processes,
+    and each process takes the CUDA device of its LOCAL_RANK (no index may be given)."""
+    from .training.parallel import world_size
+
+    size = world_size()
+    if size == 1:
+        return
+    if train.batch_size % size:
+        parser.error(f"argument --batch-size: {train.batch_size} images per domain do not "
+                     f"split evenly over the {size} processes torchrun started (WORLD_SIZE="
+                     f"{size}); the batch is the global one, each process takes batch/{size}: "
+                     f"give a multiple of {size}")
+    device = torch.device(train.device)
+    if device.type == "cuda" and device.index is not None:
+        parser.error(f"argument --device: {train.device!r} under torchrun: give --device cuda, "
+                     f"each process then uses cuda:LOCAL_RANK")
 
 
 def _labelled(methods) -> set[str]:

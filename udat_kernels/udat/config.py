@@ -92,7 +92,7 @@ RECIPES = {"compact": {}, "paper": {**PAPER_STATES, **PAPER_OURS}}
 # The fields a recipe decides (the others name the data and the process): a command line that
 # sets one of them to another value is recorded as overriding the recipe.
 RECIPE_FIELDS = (*PAPER_STATES, *PAPER_OURS, "model.width", "model.batch_norm",
-                 "train.lambda_max")
+                 "model.dropout", "train.lambda_max")
 
 
 def _check(obj, rules) -> None:
@@ -166,13 +166,15 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """The modified VGG16: a preset of `udat_kernels.udat.models.PRESETS` with overrides of
-    its fields (None keeps the preset's value), VGG16 weights to start from, and the angular
-    domain head's scale s."""
+    its fields (None keeps the preset's value: width, input_size, batch_norm, dropout — the
+    probability of the dropout after FC1 and FC2, 0 for none), VGG16 weights to start from, and
+    the angular domain head's scale s."""
 
     preset: str = "vgg16-compact"
     width: float | None = None
     input_size: int | None = None
     batch_norm: bool | None = None
+    dropout: float | None = None
     init: str | None = None
     scale: float = 64.0
 
@@ -185,13 +187,16 @@ class ModelConfig:
              or (_is_int(self.input_size) and self.input_size > 0 and self.input_size % 32 == 0),
              "a positive multiple of 32"),
             ("batch_norm", self.batch_norm in (None, True, False), "true or false"),
+            ("dropout", self.dropout is None
+             or (_is_number(self.dropout) and 0 <= self.dropout < 1), "a number in [0, 1)"),
             ("scale", _is_number(self.scale) and self.scale > 0, "a number > 0"),
         ])
 
     def architecture(self) -> VGGConfig:
         """The preset with the overrides applied."""
         overrides = {k: v for k, v in (("width", self.width), ("input_size", self.input_size),
-                                       ("batch_norm", self.batch_norm)) if v is not None}
+                                       ("batch_norm", self.batch_norm),
+                                       ("dropout", self.dropout)) if v is not None}
         return replace(PRESETS[self.preset], **overrides)
 
     @property

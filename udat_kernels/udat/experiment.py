@@ -9,11 +9,16 @@ reused only by a command that would produce the same result, and never overwritt
 OUT/runs unless --runs names a folder that experiments share. OUT receives results.json (every
 number and the whole configuration), results.md, results.csv, selection.csv, confusion.csv,
 curves.png, tsne.png and confusion_<method>.png.
+
+Under torchrun every run trains data-parallel over the processes (`training.parallel`;
+docs/distributed.md, "Data-parallel training"); rank 0 prints and writes the run folders and
+the experiment's files, the other ranks return once the last run is trained.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -37,6 +42,7 @@ from .runkey import fingerprints, result_fields, run_key
 from .selection import (epoch_regret, method_choices, paired_difference, regret_summary,
                         t_interval, verdict)
 from .training import Trainer, predict
+from .training.parallel import SINGLE, Ranks, from_environment
 from .training.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
 
 __all__ = ["main", "run_experiment", "plan_runs", "disk_estimate", "LAMBDA_SWEEP"]
@@ -65,14 +71,15 @@ def _duration(seconds: float) -> str:
             else f"{seconds // 60}m{seconds % 60:02d}s")
 
 
-def plan_runs(experiment: ExperimentConfig, prints: dict) -> list[dict]:
-    """Every run of the grid: {"method", "lambda", "seed", "run", "key", "folder"}."""
+def plan_runs(experiment: ExperimentConfig, prints: dict, processes: int = 1) -> list[dict]:
+    """Every run of the grid: {"method", "lambda", "seed", "run", "key", "folder"};
+    processes: the data-parallel world size (in the key when above one)."""
     plan = []
     for method in experiment.methods:
         for lam in experiment.lambdas_of(method):
             for seed in experiment.seeds:
                 run = experiment.run(method, lam, seed)
-                key = run_key(result_fields(run, prints))
+                key = run_key(result_fields(run, prints, processes))
                 name = (f"{method}_lambda{lam:g}_seed{seed}_{key}" if run.train.adversarial
                         else f"{method}_seed{seed}_{key}")
                 plan.append({"method": method, "lambda": lam, "seed": seed, "run": run,
@@ -196,15 +203,18 @@ def _by_lambda(runs: dict[float, dict[int, dict]], seeds, validator: str) -> dic
 
 
 def run_experiment(experiment: ExperimentConfig, progress: bool = True, log=None,
-                   domains=None) -> dict:
+                   domains=None, ranks: Ranks = SINGLE) -> dict | None:
     """Train (or resume, or reuse) every method × λ × seed, then write the tables and figures;
-    returns the results. `log`: where the progress lines go (stderr); domains: the (source,
-    target) pair when the caller loaded it already."""
+    returns the results (None on the ranks other than 0). `log`: where the progress lines go
+    (stderr); domains: the (source, target) pair when the caller loaded it already; ranks: the
+    data-parallel processes."""
     log = log or sys.stderr
+    if not ranks.main:
+        log, progress = open(os.devnull, "w"), False  # noqa: SIM115 - rank 0 speaks
     started = time.perf_counter()
     source, target = domains or load_domains(experiment.data, experiment.model.size)
     prints = fingerprints(experiment.data, experiment.model)
-    plan = plan_runs(experiment, prints)
+    plan = plan_runs(experiment, prints, ranks.size)
     classes = list(source.classes)
     todo = [p for p in plan if not (p["folder"] / "result.json").exists()]
     disk = disk_estimate(plan, len(classes))
@@ -232,13 +242,15 @@ def run_experiment(experiment: ExperimentConfig, progress: bool = True, log=None
                   f"(elapsed {_duration(time.perf_counter() - started)}{eta})", file=log)
             t0 = time.perf_counter()
             trainer = Trainer(item["run"], source, target, item["folder"], progress=progress,
-                              prints=prints)
+                              prints=prints, ranks=ranks)
             result = trainer.fit(resume=True)
             trained += 1
             train_seconds += time.perf_counter() - t0
         item["reused"] = reused
         results_by.setdefault(item["method"], {}).setdefault(item["lambda"], {})[
             item["seed"]] = result
+    if not ranks.main:
+        return None  # the tables and figures are rank 0's
     validator = experiment.train.select
     chance = 1.0 / len(classes)
     results = {"source": experiment.data.source, "target": experiment.data.target,
@@ -307,7 +319,11 @@ def main(argv=None) -> int:
     labelled = {METHODS[m].labelled for m in experiment.methods}
     check_loaded_split("udat-experiment", experiment.data,
                        {side: {"source": source, "target": target}[side] for side in labelled})
-    results = run_experiment(experiment, progress=command.progress, domains=(source, target))
+    ranks = from_environment(experiment.train.device)
+    results = run_experiment(experiment, progress=command.progress, domains=(source, target),
+                             ranks=ranks)
+    if results is None:
+        return 0
     print(format_markdown(results), end="")
     print(f"({results['seconds']:.0f} s; results in {command.experiment.out})")
     return 0

@@ -11,7 +11,11 @@ Result-changing (`RESULT_FIELDS`, in the key):
   model: the resolved architecture (preset with its overrides applied), the --init file (path
          and fingerprint), the angular head's scale (angular methods only);
   train: method, seed, epochs, batch_size, lr, momentum, weight_decay, amp, the device *type*
-         (cpu or cuda), and lambda_max and schedule (adversarial methods only).
+         (cpu or cuda), and lambda_max and schedule (adversarial methods only);
+  the number of data-parallel processes, when there are more than one (`processes`; absent
+  for one process, so that one-process keys do not depend on it): N processes reach the
+  parameters of one within float rounding only under the conditions of docs/distributed.md
+  ("Data-parallel training"), and dropout draws other masks.
 Not result-changing (`OTHER_FIELDS`, not in the key): the validator that picks best.pt
 (`select`; every epoch records every validator's score), checkpoint_every, keep, deterministic,
 the device's spelling ("cuda" and "cuda:0"), and the process options (threads, progress).
@@ -34,7 +38,7 @@ __all__ = ["RESULT_FIELDS", "OTHER_FIELDS", "data_files", "fingerprint", "finger
 RESULT_FIELDS = {
     "data": ("source", "target", "source_root", "target_root", "fer_test", "val_fraction",
              "augment"),
-    "model": ("preset", "width", "input_size", "batch_norm", "init", "scale"),
+    "model": ("preset", "width", "input_size", "batch_norm", "dropout", "init", "scale"),
     "train": ("method", "seed", "lambda_max", "epochs", "batch_size", "lr", "momentum",
               "weight_decay", "schedule", "amp", "device"),
 }
@@ -90,11 +94,11 @@ def _absolute(path) -> str | None:
     return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
-def result_fields(run: RunConfig, prints: dict | None = None) -> dict:
+def result_fields(run: RunConfig, prints: dict | None = None, processes: int = 1) -> dict:
     """The result-changing fields of `run`, normalized so that a setting that cannot change
     the result (λ without a domain classifier, the FER2013 split without FER2013, the device
     index) does not change the key. `prints`: `fingerprints(run.data, run.model)`, computed
-    here when not given."""
+    here when not given; processes: the data-parallel world size."""
     data, model, train = run.data, run.model, run.train
     prints = fingerprints(data, model) if prints is None else prints
     spec = train.spec
@@ -116,6 +120,8 @@ def result_fields(run: RunConfig, prints: dict | None = None) -> dict:
                   "lambda_max": train.lambda_max if spec.domain_head else None,
                   "schedule": train.schedule if spec.domain_head else None},
     }
+    if processes > 1:
+        fields["train"]["processes"] = processes
     return json.loads(json.dumps(fields))  # as stored in the run's files (tuples as lists)
 
 

@@ -15,10 +15,21 @@ Run folder: last.pt (resumable state, rewritten atomically at the end of each ep
 log.jsonl (one JSON record per line), result.json (the summary, written at the end). A folder
 that holds a run is never overwritten unless asked (`overwrite`); `resume` continues it only
 when its result-changing fields (`udat_kernels.udat.runkey`) are those of the command.
+
+Data parallel (`ranks`, `udat_kernels.udat.training.parallel`; docs/distributed.md,
+"Data-parallel training"): every rank draws the same global batch indices and augmentation and
+trains on its contiguous part of them (batch_size / N labelled and as many target images);
+DistributedDataParallel averages the gradients and BatchNorm uses the global batch's
+statistics, so that N ranks take the steps one process would. Step losses are averaged over
+the ranks; the evaluation predicts a part of each image set on each rank and rank 0 computes
+the metrics from the gathered outputs and sends the epoch's record to every rank. Rank 0 alone
+prints and writes the run files; the others wait for it at a barrier, and every rank reads
+last.pt on resume.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -40,6 +51,7 @@ from ..runkey import differences, result_fields, run_key
 from .checkpoint import (CheckpointError, append_line, atomic_save, atomic_write_json,
                          atomic_write_text, load_checkpoint)
 from .evaluate import accuracy_report, autocast_context, mean_entropy, predict
+from .parallel import SINGLE, Ranks, part, synchronize_batch_norm
 from .streams import BatchStream, derive_seed
 from .validators import (dev_risk, evenly_spaced, importance_weights,
                          information_maximization, selection_key, soft_neighbourhood_density)
@@ -88,6 +100,22 @@ def validation_split_problem(n: int, num_classes: int, fraction: float, name: st
             f"[{need:.3g}, {1 - need:.3g}]")
 
 
+class _StepLosses(torch.nn.Module):
+    """The training step's forward as one module call, for DistributedDataParallel, whose
+    gradient hooks are armed by its forward: (L_y on the labelled rows, L_d or None)."""
+
+    def __init__(self, model: UDATVGG):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, labels, domains=None):
+        features = self.model.extract(x)
+        loss_y = self.model.label_loss(features[:len(labels)], labels)
+        if domains is None:
+            return (loss_y,)
+        return loss_y, self.model.domain_loss(features, domains)
+
+
 def _make_schedule(config: TrainConfig):
     if config.schedule == "constant":
         return ConstantLambda(config.lambda_max)
@@ -99,24 +127,33 @@ def _make_schedule(config: TrainConfig):
 class Trainer:
     """Trains `run.train.method` on (source, target) into `out_dir`.
 
-    progress: tqdm bars and one console line per epoch. prints: the data fingerprints
-    (`udat_kernels.udat.runkey.fingerprints`) when the caller has them already.
+    progress: tqdm bars and one console line per epoch (rank 0 only). prints: the data
+    fingerprints (`udat_kernels.udat.runkey.fingerprints`) when the caller has them already.
     `on_step(trainer)` is called after every optimiser step (tests use it to interrupt a run).
+    ranks: the data-parallel processes (`parallel.from_environment`); one process by default.
     """
 
     def __init__(self, run: RunConfig, source: Domain, target: Domain, out_dir, *,
-                 progress: bool = True, on_step=None, prints: dict | None = None):
+                 progress: bool = True, on_step=None, prints: dict | None = None,
+                 ranks: Ranks = SINGLE):
         if source.classes != target.classes:
             raise ValueError(f"source and target classes differ: {source.classes} vs "
                              f"{target.classes}")
         self.run = run
         self.config = config = run.train
+        self.ranks = ranks
+        if config.batch_size % ranks.size:
+            raise ValueError(f"batch_size: {config.batch_size} images per domain do not split "
+                             f"evenly over {ranks.size} processes; give a multiple of "
+                             f"{ranks.size}")
+        # this rank's rows of each global batch
+        self.rows = part(config.batch_size, ranks.rank, ranks.size)
         self.source, self.target = source, target
         self.out_dir = Path(out_dir)
-        self.progress, self.on_step = progress, on_step
-        self.key_fields = result_fields(run, prints)
+        self.progress, self.on_step = progress and ranks.main, on_step
+        self.key_fields = result_fields(run, prints, processes=ranks.size)
         self.key = run_key(self.key_fields)
-        self.device = torch.device(config.device)
+        self.device = ranks.device(config.device)
         if config.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' on the CPU")
         if config.deterministic:
@@ -135,6 +172,7 @@ class Trainer:
         self.labelled = self.labelled_domain.train.subset(train_index)
         self.val = self.labelled_domain.train.subset(val_index)
         self.model = self._build_model()
+        self._losses = self._step_module()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
                                          momentum=config.momentum,
                                          weight_decay=config.weight_decay)
@@ -168,7 +206,24 @@ class Trainer:
         model.to(self.device)
         if self.device.type == "cuda":
             model.to(memory_format=torch.channels_last)
-        return model
+        return synchronize_batch_norm(model, self.ranks, self.device)
+
+    def _step_module(self):
+        """The step's losses as a module: under DistributedDataParallel with several ranks
+        (every parameter is used in every step; the BatchNorm buffers are the same on every
+        rank, computed from the global statistics, so they are not broadcast)."""
+        losses = _StepLosses(self.model)
+        if not self.ranks.distributed:
+            return losses
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = self.device.type == "cuda"
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers"
+                   in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})  # the keyword of older releases
+        with self.ranks.collective("the model's start (DistributedDataParallel)"):
+            return DistributedDataParallel(losses, device_ids=[self.device] if cuda else None,
+                                           **no_sync)
 
     @property
     def label(self) -> str:
@@ -215,10 +270,14 @@ class Trainer:
         self.history, self.best, self._sums = state["history"], state["best"], state["sums"]
 
     def _save(self) -> None:
-        atomic_save(self.state_dict(), self.out_dir / "last.pt")
+        """last.pt, written by rank 0 while the others wait."""
+        if self.ranks.main:
+            atomic_save(self.state_dict(), self.out_dir / "last.pt")
+        self.ranks.barrier("waiting for rank 0 to write last.pt", self.step)
 
     def _log(self, record: dict) -> None:
-        append_line(json.dumps(record), self.out_dir / "log.jsonl")
+        if self.ranks.main:
+            append_line(json.dumps(record), self.out_dir / "log.jsonl")
 
     def _truncate_log(self) -> None:
         """Drop log records written after the checkpoint we resume from, and a last line torn
@@ -245,9 +304,12 @@ class Trainer:
     # --- training -----------------------------------------------------------------------------
 
     def _batch(self, images: ImageSet, index: torch.Tensor, flip: bool, generator):
+        """This rank's rows of the global batch `index`, augmented as one process would."""
         augment = self.run.data.augment != "none"
-        x = to_input(images.images[index], self.device,
-                     generator=generator if augment else None, flip=flip)
+        lo, hi = self.rows
+        x = to_input(images.images[index[lo:hi]], self.device,
+                     generator=generator if augment else None, flip=flip,
+                     of_batch=(lo, len(index)))
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -258,43 +320,79 @@ class Trainer:
         model.train()
         torch.manual_seed(derive_seed(config.seed, 1, self.step))  # dropout
         generator = torch.Generator().manual_seed(derive_seed(config.seed, 2, self.step))
-        index = self.labelled_stream.next()
+        index = self.labelled_stream.next()  # the global batch: the same on every rank
+        lo, hi = self.rows
         x = self._batch(self.labelled, index, self.labelled_domain.flip, generator)
-        y = self.labelled.labels[index].to(self.device)
-        lam = 0.0
+        y = self.labelled.labels[index[lo:hi]].to(self.device)
+        lam, domains = 0.0, None
         if self.adversarial:
             target_index = self.target_stream.next()
             xt = self._batch(self.target.train, target_index, self.target.flip, generator)
             x = torch.cat([x, xt])
-            domains = torch.cat([torch.zeros(len(index), dtype=torch.long),
-                                 torch.ones(len(target_index), dtype=torch.long)]).to(self.device)
+            domains = torch.cat([torch.zeros(len(y), dtype=torch.long),
+                                 torch.ones(len(xt), dtype=torch.long)]).to(self.device)
             lam = model.domain_classifier.set_progress(self.step, self.total_steps)
-        with autocast_context(self.device, config.amp):
-            features = model.extract(x)
-            loss_y = model.label_loss(features[:len(index)], y)
-            loss_d = model.domain_loss(features, domains) if self.adversarial else None
-        loss = loss_y if loss_d is None else loss_y + loss_d
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        with self.ranks.collective("the training step (gradients, BatchNorm statistics)",
+                                   self.step):
+            with autocast_context(self.device, config.amp):
+                loss_y, *rest = self._losses(x, y, domains)
+            loss_d = rest[0] if rest else None
+            loss = loss_y if loss_d is None else loss_y + loss_d
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
-        return {"loss_y": loss_y.item(), "loss_d": loss_d.item() if loss_d is not None else 0.0,
-                "lambda": lam}
+        # every rank's mean over its rows; their mean is the global batch's mean (equal parts)
+        loss_y, loss_d = self.ranks.mean(
+            [loss_y.item(), loss_d.item() if loss_d is not None else 0.0],
+            "the step's losses", self.step)
+        return {"loss_y": loss_y, "loss_d": loss_d, "lambda": lam}
+
+    def _outputs(self) -> dict | None:
+        """The model's outputs on the evaluation sets: {name: logits or (logits, features)}.
+        With several ranks each predicts its part of every set, and rank 0 receives them all
+        (the others get None)."""
+        unlabelled = self.target.train
+        sets = {"val": (self.val, True), "target": (unlabelled, True),
+                "source": (self.labelled.subset(evenly_spaced(len(self.labelled),
+                                                              VALIDATOR_SAMPLE)), True),
+                "source_test": (self.source.test, False), "target_test": (self.target.test, False)}
+        ranks, out = self.ranks, {}
+        for name, (images, features) in sets.items():
+            lo, hi = part(len(images), ranks.rank, ranks.size)
+            if ranks.distributed:
+                images = images.subset(range(lo, hi))
+            out[name] = predict(self.model, images, self.device, self.config.amp,
+                                features=features)
+        if not ranks.distributed:
+            return out
+        every = ranks.gather(out, "the evaluation's outputs")
+        if not ranks.main:
+            return None
+
+        def joined(name):
+            pieces = [e[name] for e in every]
+            if isinstance(pieces[0], tuple):
+                return tuple(torch.cat(p) for p in zip(*pieces))
+            return torch.cat(pieces)
+
+        return {name: joined(name) for name in sets}
 
     def evaluate(self) -> dict:
         """Metrics and validator scores of the current weights (no randomness; leaves the model
-        in eval mode). Only the `target_test` entry uses target labels."""
+        in eval mode). Only the `target_test` entry uses target labels. With several ranks,
+        rank 0 computes them from every rank's outputs and every rank returns rank 0's."""
+        outputs = self._outputs()
+        metrics = self._metrics(outputs) if outputs is not None else None
+        return self.ranks.broadcast(metrics, "the evaluation's metrics")
+
+    def _metrics(self, outputs: dict) -> dict:
         n = len(self.source.classes)
-
-        def outputs(images: ImageSet, features: bool = False):
-            return predict(self.model, images, self.device, self.config.amp, features=features)
-
-        val_logits, val_features = outputs(self.val, features=True)
+        val_logits, val_features = outputs["val"]
         unlabelled = self.target.train
-        target_logits, target_features = outputs(unlabelled, features=True)
-        source_index = evenly_spaced(len(self.labelled), VALIDATOR_SAMPLE)
-        _, source_features = outputs(self.labelled.subset(source_index), features=True)
+        target_logits, target_features = outputs["target"]
+        _, source_features = outputs["source"]
         target_index = evenly_spaced(len(unlabelled), VALIDATOR_SAMPLE)
         val_losses = torch.nn.functional.cross_entropy(val_logits.double(), self.val.labels,
                                                        reduction="none").numpy()
@@ -307,7 +405,7 @@ class Trainer:
                   "dev": -dev_risk(val_losses, weights),
                   "im": information_maximization(target_logits),
                   "snd": soft_neighbourhood_density(target_logits[target_index])}
-        source, target = outputs(self.source.test), outputs(self.target.test)
+        source, target = outputs["source_test"], outputs["target_test"]
         return {"val_acc": val["acc"], "val_loss": float(np.mean(val_losses)),
                 "target_entropy": entropy, "scores": scores,
                 "dev_effective_n": float(weights.sum() ** 2 / (weights ** 2).sum())
@@ -321,15 +419,17 @@ class Trainer:
                   "loss_y": self._sums["loss_y"] / steps, "loss_d": self._sums["loss_d"] / steps,
                   "lambda": self.model.domain_classifier.last_lambda if self.adversarial else 0.0,
                   **self.evaluate(), "seconds": round(time.perf_counter() - started, 3)}
+        record = self.ranks.broadcast(record, "the epoch's record")  # rank 0's time
         self.epoch += 1
         self.history.append(record)
         self._sums = {"loss_y": 0.0, "loss_d": 0.0, "steps": 0}
         key = list(selection_key(record, self.config.select))
         if self.best["key"] is None or key > self.best["key"]:
             self.best = {"epoch": self.epoch, "key": key}
-            atomic_save({**self._identity(), "kind": "best", "epoch": self.epoch,
-                         "validator": self.config.select, "model": self.model.state_dict()},
-                        self.out_dir / "best.pt")
+            if self.ranks.main:
+                atomic_save({**self._identity(), "kind": "best", "epoch": self.epoch,
+                             "validator": self.config.select, "model": self.model.state_dict()},
+                            self.out_dir / "best.pt")
         self._log(record)
         self._save()
         if self.progress:
@@ -351,35 +451,58 @@ class Trainer:
         folder holds and train again. Without either, a folder holding a run is refused.
         """
         check_run_folder(self.out_dir, resume, overwrite)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         done = self.out_dir / "result.json"
-        if resume and done.exists() and not overwrite:
+        reuse = resume and done.exists() and not overwrite
+        start = ("result.json" if reuse else "last.pt"
+                 if resume and (self.out_dir / "last.pt").exists() and not overwrite else "new")
+        # every rank has looked at the folder before rank 0 changes it, and saw the same
+        self._same_folder_everywhere(start)
+        if self.ranks.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if reuse:
             try:
                 result = json.loads(done.read_text())
             except json.JSONDecodeError as error:
                 raise ResumeError(f"{done}: not a JSON file ({error.msg}); pass --overwrite to "
                                   f"train the run again") from None
             self._check_same_run(result.get("key_fields", {}), "result.json")
+            self.ranks.barrier("reading result.json")
             return result
-        if resume and (self.out_dir / "last.pt").exists() and not overwrite:
+        if start == "last.pt":
             self.load_state_dict(load_checkpoint(
                 self.out_dir / "last.pt",
                 remedy="delete it to train the run from its beginning (or pass --overwrite)"))
-            self._truncate_log()
-        else:
+            if self.ranks.main:
+                self._truncate_log()
+        elif self.ranks.main:
             for name in RUN_FILES:
                 (self.out_dir / name).unlink(missing_ok=True)
             self._log({"event": "start", "step": 0, "config": self.run.to_dict(),
                        "key": self.key, "version": __version__,
-                       "init": self.init_report.format() if self.init_report else None})
+                       "init": self.init_report.format() if self.init_report else None,
+                       **({"processes": self.ranks.size} if self.ranks.distributed else {})})
+        self.ranks.barrier("waiting for rank 0 to prepare the run folder")
         while self.epoch < self.config.epochs:
             self._run_epoch()
         result = self.result()
-        atomic_write_json(result, done)
-        keep = self.config.keep
-        if keep != "both":
-            (self.out_dir / ("last.pt" if keep == "best" else "best.pt")).unlink(missing_ok=True)
+        if self.ranks.main:
+            atomic_write_json(result, done)
+            keep = self.config.keep
+            if keep != "both":
+                (self.out_dir / ("last.pt" if keep == "best" else "best.pt")).unlink(
+                    missing_ok=True)
+        self.ranks.barrier("waiting for rank 0 to write result.json")
         return result
+
+    def _same_folder_everywhere(self, start: str) -> None:
+        """Every rank must start from the same files (one folder, or a shared file system
+        across machines): how each rank would start, compared."""
+        views = self.ranks.gather(start, "comparing the run folder across ranks")
+        if len(set(views)) > 1:
+            seen = ", ".join(f"rank {r}: {v}" for r, v in enumerate(views))
+            raise ResumeError(f"{self.out_dir}: the ranks see different run folders (would start "
+                              f"from {seen}); every rank must see the same folder — across "
+                              f"machines, put it on a shared file system")
 
     def _run_epoch(self) -> None:
         started = time.perf_counter()
