@@ -19,9 +19,11 @@ import torch
 
 import udat_kernels as uk
 import shard_helpers
-from helpers import KEYWORDS, make_inputs, materialize_keywords
+from helpers import (KEYWORDS, assert_close_spec, make_inputs, materialize_keywords, run_loss,
+                     tolerance)
 from shard_helpers import (BAD_ARGUMENT_IDS, BAD_ARGUMENTS, SPLITS, cuts_of, shard_bwd_args,
-                           shard_fwd_args)
+                           shard_fwd_args, sharded_loss)
+from udat_kernels import reference
 from udat_kernels.distributed import shard_mode
 
 OPS = torch.ops.udat_kernels
@@ -68,7 +70,11 @@ def _inputs(B, D, c, dtype=torch.float32, w_dtype=None, seed=0):
                        device="cuda")
 
 
-KEYWORD_CASES = [(case, SPLITS[i % len(SPLITS)]) for i, case in enumerate(sorted(KEYWORDS))]
+# C = 1 over four shards is test_one_class_over_four_shards (tests/cuda_emu/test_emu_shard_mode.py
+# says why).
+SPLITS_WIDER = [s for s in SPLITS if s[0] > 1]
+KEYWORD_CASES = [(case, SPLITS_WIDER[i % len(SPLITS_WIDER)])
+                 for i, case in enumerate(sorted(KEYWORDS))]
 
 
 @gpu
@@ -85,6 +91,25 @@ def test_every_keyword_on_the_splits(case, split, row_blocks):
     kwargs = materialize_keywords(KEYWORDS[case], B, C, True, t, device="cuda")
     kwargs.pop("reduction", None)
     check(x, w, t, SIZES, **kwargs)
+
+
+@gpu
+@pytest.mark.parametrize("angular", [True, False], ids=["angular", "linear"])
+def test_one_class_over_four_shards(angular):
+    """C = 1 over four shards combined as the sharded loss combines them: the combined lse is
+    the one shard's own, so the gradients are exactly zero, as the single-device op's."""
+    B = 11
+    x, w, t = _inputs(B, 9, 1, seed=35)
+    t[2] = -100
+    bias = None if angular else torch.randn(1, generator=torch.Generator().manual_seed(2)).cuda()
+    fn = reference.angular_margin_cross_entropy if angular else reference.linear_cross_entropy
+    got = sharded_loss(x, w, t, [0, 1, 0, 0], angular=angular, bias=bias, grl_lambda=0.3,
+                       backend="cuda")
+    want = run_loss(fn, x.double(), w.double(), t, grl_lambda=0.3,
+                    bias=bias.double() if bias is not None else None)
+    rtol, atol = tolerance(torch.float32)
+    assert_close_spec(got[0], want[0], rtol, atol, "loss")
+    assert all(torch.count_nonzero(g) == 0 for g in got[1:] if g is not None)
 
 
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),

@@ -29,7 +29,6 @@ from udat_kernels.distributed import shard_mode
 OPS = torch.ops.udat_kernels
 SIZES = [2, 5, 0, 18]  # fused NC = 2 at offset 0, fused NC = 8 at 2, empty, GEMM blocks at 7
 C = sum(SIZES)
-FUSED_ONLY = [2, 5, 0]
 
 
 @pytest.fixture

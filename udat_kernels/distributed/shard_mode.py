@@ -47,10 +47,11 @@ def _pair(backend):
     if (not _C_loader.available() or not hasattr(ops, "margin_ce_shard_fwd" + suffix)
             or (key and not torch._C._dispatch_has_kernel_for_dispatch_key(
                 "udat_kernels::margin_ce_shard_fwd", key))):
+        where = f" for the {key} dispatch key" if key else ""
         raise RuntimeError(f"backend: the {backend!r} shard mode needs the op pair "
                            f"udat_kernels::margin_ce_shard_{{fwd,bwd}}{suffix}, which is not "
-                           f"registered{f' for the {key} dispatch key' if key else ''} (the {backend!r} backend is not usable here, or this "
-                           f"build of udat_kernels._C predates the shard mode: rebuild it)")
+                           f"registered{where} (the {backend!r} backend is not usable here, or "
+                           f"this build of udat_kernels._C predates the shard mode: rebuild it)")
     return (getattr(ops, "margin_ce_shard_fwd" + suffix).default,
             getattr(ops, "margin_ce_shard_bwd" + suffix).default)
 
