@@ -212,6 +212,8 @@ __device__ __forceinline__ void row_epilogue(const SmallArgs<S, A>& a, int64_t i
   const MarginParams<A>& mp = r.mp;
   const bool lane0 = threadIdx.x % kWarp == 0;
   const RowTarget t = read_target(r, i);
+  // The target's column where this shard owns it, else -1 (a small int: registers).
+  const int tj = t.owned ? static_cast<int>(t.col) : -1;
   const int C = static_cast<int>(r.C);
 
   A inv_n = A(1);
@@ -222,7 +224,7 @@ __device__ __forceinline__ void row_epilogue(const SmallArgs<S, A>& a, int64_t i
   }
   // Cosine and logit of class j, recomputed where needed rather than kept (registers).
   auto logit = [&](int j, A& c) -> A {
-    const bool is_t = t.owned && j == t.col;
+    const bool is_t = j == tj;
     if (r.normalize) {
       c = dot[j] * inv_n * w_inv_s[j];
       return mp.scale * (is_t ? margin_psi(c, mp) : c);
@@ -233,7 +235,7 @@ __device__ __forceinline__ void row_epilogue(const SmallArgs<S, A>& a, int64_t i
   A c_y = A(0);
 #pragma unroll(sizeof(A) == 8 ? 1 : NC)
   for (int j = 0; j < NC; ++j) {  // (an unrolled loop: dot stays in registers)
-    if (t.owned && j == t.col) c_y = r.normalize ? dot[j] * inv_n * w_inv_s[j] : dot[j];
+    if (j == tj) c_y = r.normalize ? dot[j] * inv_n * w_inv_s[j] : dot[j];
   }
 
   A lse;
@@ -271,7 +273,7 @@ __device__ __forceinline__ void row_epilogue(const SmallArgs<S, A>& a, int64_t i
         if (j < C) {
           A c;
           const A z = logit(j, c);
-          if (t.owned && j == t.col) z_y = z;
+          if (j == tj) z_y = z;
           if (rc.b != A(0)) wz += col_w(r, j) * z;
         }
       }
@@ -297,7 +299,7 @@ __device__ __forceinline__ void row_epilogue(const SmallArgs<S, A>& a, int64_t i
     for (int j = 0; j < NC; ++j) {
       A g = A(0), cj = A(0);
       if (j < C) {
-        const bool is_t = t.owned && j == t.col;
+        const bool is_t = j == tj;
         A c;
         const A z = logit(j, c);
         const A delta = zero ? A(0) : k * row_delta(rc, exp(z - lse), is_t, col_w(r, j));
