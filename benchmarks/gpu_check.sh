@@ -15,10 +15,10 @@
 #                the float64 reference
 #   new-tests    the tests this round added that need a GPU: the float32 precision policy under
 #                every global switch, non-finite inputs on every backend
-#   correctness  pytest tests/test_cuda.py, and tests/test_triton.py (compiled Triton, no
-#                interpreter, its GPU subset) in four processes after a parallel warm-up of
-#                Triton's compile cache; then the backends' own checks (compute-sanitizer for
-#                CUDA)
+#   correctness  pytest tests/test_cuda.py and tests/test_shard_mode_cuda.py, and
+#                tests/test_triton.py (compiled Triton, no interpreter, its GPU subset) in four
+#                processes after a parallel warm-up of Triton's compile cache; then the
+#                backends' own checks (compute-sanitizer for CUDA)
 #   paper        paper heads (64, 1024, C) and bandwidth heads (65536, 1024, C)
 #   large        face-recognition heads (8192, 512, 10^4..10^6), bf16
 #   end-to-end   the full VGG16 at 224 with bf16 autocast, fused heads against eager heads
@@ -185,7 +185,7 @@ stage_new_tests() {
 stage_correctness() {
     gpu_or_skip "the GPU tests" || return $?
     local tests=() rc=0 t sel pids=()
-    for t in tests/test_cuda.py; do
+    for t in tests/test_cuda.py tests/test_shard_mode_cuda.py; do
         if [ -f "$t" ]; then tests+=("$t"); else echo "$t: not present"; fi
     done
     # Triton: the compile cache filled in parallel first (one process per CPU), then the Triton

@@ -153,6 +153,15 @@ UDAT_HD T row_loss(const RowCoef<T>& r, T lse, T z_y, T wsum, T wz_sum) {
   return loss;
 }
 
+// q_i / v_i of one shard of the classes (docs/math.md, "Class shards"):
+// −[a z_y [owned] + b sum_{j in shard} w_j z_j], z_y read only when the shard owns the target.
+template <typename T>
+UDAT_HD T row_partial(const RowCoef<T>& r, T z_y, bool owned, T wz_sum) {
+  T q = owned ? r.a * z_y : T(0);
+  if (r.b != T(0)) q += r.b * wz_sum;
+  return -q;
+}
+
 // delta_ij / k_i = p_ij * p_coef - a [j == y] - b w_j, with p_ij = exp(z_ij - lse).
 template <typename T>
 UDAT_HD T row_delta(const RowCoef<T>& r, T p, bool is_target, T wj) {

@@ -71,7 +71,7 @@ def sharded_loss(x, weight, target, sizes, *, angular=True, bias=None, upstream_
     g = torch.Generator().manual_seed(upstream_seed)
     upstream = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss)
     grad_rows = reference.shard_grad_rows(upstream, x.shape[0], reduction, denom)
-    grad_x = torch.zeros(x.shape, dtype=loss.dtype)
+    grad_x = torch.zeros(x.shape, dtype=loss.dtype, device=x.device)
     grad_w, grad_b = [], []
     for o, n in zip(offsets, sizes):
         b = bias[o:o + n] if bias is not None else None

@@ -372,9 +372,7 @@ void row_epilogue(const Problem<T>& P, const CeOptions& opt, const MarginParams<
       const T wz = rc.b != T(0) ? T(weighted_sum(z, C, cw_cols)) : T(0);
       if (P.partial) {
         // q_i = −v_i·[a_i·z_iy·[owned] + b·Σ_{j in shard} w_j·z_ij]
-        T q = rt.owned ? rc.a * z[ly] : T(0);
-        if (rc.b != T(0)) q += rc.b * wz;
-        loss = -(sw ? sw[i] : T(1)) * q;
+        loss = (sw ? sw[i] : T(1)) * row_partial(rc, rt.owned ? z[ly] : T(0), rt.owned, wz);
       } else {
         loss = (sw ? sw[i] : T(1)) * row_loss(rc, lse, z[ly], P.wsum, wz);
       }

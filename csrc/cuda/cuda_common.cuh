@@ -170,11 +170,16 @@ __device__ void block_lse(T& m, T& s, T* scratch_m, T* scratch_s) {
 template <typename A>
 struct RowArgs {
   const int64_t* target;
-  const A* class_weight;   // (C,) or null (all ones)
+  const A* class_weight;   // (num_classes,) or null (all ones)
   const A* sample_weight;  // (B,) or null (all ones)
   const A* bias;           // (C,) or null (linear head only)
   const A* wsum;           // () sum of the class weights, or null (then C)
-  int64_t B, C, D;
+  int64_t B, C, D;         // C: the classes of weight (the shard's in the shard mode)
+  // The shard mode (docs/design.md, "Shard mode"): weight holds the classes [offset, offset + C)
+  // of num_classes. The ordinary op is the whole problem: offset 0, num_classes = C, shard false.
+  int64_t offset;
+  int64_t num_classes;     // targets range over it; b = ε / num_classes, W over all of it
+  bool shard;              // rows write q_i, not the loss; ignored rows get δ = 0 exactly
   int64_t ignore_index;
   A smoothing;
   MarginParams<A> mp;
@@ -182,12 +187,16 @@ struct RowArgs {
   int reduction;  // Reduction as int
 };
 
-// A row's target: valid (in [0, C)), ignored (== ignore_index) or bad (anything else). A bad
-// target is never used as an index; its row's loss and gradient are NaN.
+// A row's target: valid (in [0, num_classes)), ignored (== ignore_index) or bad (anything else);
+// owned when valid and one of weight's classes, at column col = y - offset (the ordinary op:
+// owned = valid, col = y). A bad target is never used as an index; its row's loss and gradient
+// are NaN.
 struct RowTarget {
   int64_t y;
+  int64_t col;
   bool valid;
   bool bad;
+  bool owned;
 };
 
 template <typename A>
@@ -195,14 +204,30 @@ __device__ __forceinline__ RowTarget read_target(const RowArgs<A>& a, int64_t i)
   RowTarget t;
   t.y = a.target[i];
   const bool ignored = t.y == a.ignore_index;
-  t.valid = !ignored && t.y >= 0 && t.y < a.C;
+  t.valid = !ignored && t.y >= 0 && t.y < a.num_classes;
   t.bad = !ignored && !t.valid;
+  t.col = t.y - a.offset;
+  t.owned = t.valid && t.col >= 0 && t.col < a.C;
   return t;
 }
 
+// Whether the row's logit gradient is exactly zero whatever its logits (the shard mode's ignored
+// rows, as the reference shard mode gives them, even where the logits are not finite).
 template <typename A>
-__device__ __forceinline__ A class_w(const RowArgs<A>& a, int64_t j) {
-  return a.class_weight ? a.class_weight[j] : A(1);
+__device__ __forceinline__ bool zero_row(const RowArgs<A>& a, const RowTarget& t) {
+  return a.shard && !t.valid && !t.bad;
+}
+
+// The weight of class y, a global id (a target).
+template <typename A>
+__device__ __forceinline__ A class_w(const RowArgs<A>& a, int64_t y) {
+  return a.class_weight ? a.class_weight[y] : A(1);
+}
+
+// The weight of weight's column j: class offset + j.
+template <typename A>
+__device__ __forceinline__ A col_w(const RowArgs<A>& a, int64_t j) {
+  return a.class_weight ? a.class_weight[a.offset + j] : A(1);
 }
 
 template <typename A>
@@ -212,7 +237,7 @@ __device__ __forceinline__ A sample_w(const RowArgs<A>& a, int64_t i) {
 
 template <typename A>
 __device__ __forceinline__ A weight_sum(const RowArgs<A>& a) {
-  return a.wsum ? *a.wsum : A(a.C);
+  return a.wsum ? *a.wsum : A(a.num_classes);
 }
 
 // The mean's divisor contribution of a row: v_i w_{y_i}, zero for ignored and bad rows.

@@ -95,7 +95,7 @@ void run(const Problem& P, Pass& pass) {
   // Besides the row block: grad W's accumulator, the gradients themselves, the row vectors.
   const int64_t fixed =
       (pass.want_grad ? C * D * (int64_t(sizeof(A)) + P.weight.element_size()) +
-                            B * D * P.x.element_size()
+                            B * D * pass.grad_x.element_size()
                       : 0) +
       int64_t(sizeof(A)) * (3 * B + 3 * C);
   const int64_t rows = block_rows(P, per_row, fixed);
@@ -147,7 +147,7 @@ void run(const Problem& P, Pass& pass) {
     UDAT_LAUNCH(finish_grad_x_kernel<A>, grid_for(n * D, 256, 1 << 16), 256, 0, stream)(
         dev_ptr<const A>(gx, "grad x block"), dev_ptr<const void>(P.x, "x"),
         dtype_code(P.x.scalar_type()), dev_ptr<const A>(u, "u"), r0, n, D, opt.normalize, gs,
-        dev_ptr<void>(pass.grad_x, "grad_x"));
+        dev_ptr<void>(pass.grad_x, "grad_x"), dtype_code(pass.grad_x.scalar_type()));
     UDAT_KERNEL_LAUNCH_CHECK();
     gemm(gb, true, xb, false, w_acc, r0 == 0 ? 0.0 : 1.0);
     if (b_acc.defined()) b_acc.add_(at::sum(gb, {0}, false, P.acc));

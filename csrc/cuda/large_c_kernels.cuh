@@ -62,12 +62,13 @@ struct EpilogueRow {
   A inv_n;
   RowCoef<A> rc;
   A lse, k, dpsi;
+  bool zero;  // zero_row: δ = 0 whatever the logits
 
   // The logit of column j from its GEMM value v, and its cosine (angular) for the gradient.
   __device__ __forceinline__ A logit(A v, int64_t j, A& c) const {
     if (r->normalize) {
       c = v * inv_n * w_inv[j];
-      return r->mp.scale * ((t.valid && j == t.y) ? margin_psi(c, r->mp) : c);
+      return r->mp.scale * ((t.owned && j == t.col) ? margin_psi(c, r->mp) : c);
     }
     c = v;
     return v + (r->bias ? r->bias[j] : A(0));
@@ -78,7 +79,7 @@ struct EpilogueRow {
     A c;
     const A z = logit(v, j, c);
     lse_push(m, s, z);
-    if (rc.b != A(0)) wz += class_w(*r, j) * z;
+    if (rc.b != A(0)) wz += col_w(*r, j) * z;
   }
 
   // Pass 2: the column's G'_ij, and its share of t_i.
@@ -86,8 +87,8 @@ struct EpilogueRow {
   __device__ __forceinline__ G gradient(A v, int64_t j, A& tsum) const {
     A c;
     const A z = logit(v, j, c);
-    const bool is_t = t.valid && j == t.y;
-    const A delta = k * row_delta(rc, exp(z - lse), is_t, class_w(*r, j));
+    const bool is_t = t.owned && j == t.col;
+    const A delta = zero ? A(0) : k * row_delta(rc, exp(z - lse), is_t, col_w(*r, j));
     A g = delta;
     if (r->normalize) {
       g = r->mp.scale * delta * (is_t ? dpsi : A(1));
@@ -122,10 +123,10 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   }
   const A wsum = weight_sum(r);
   const A wy = e.t.valid ? class_w(r, e.t.y) : A(0);
-  e.rc = row_coef<A>(wy, wsum, r.smoothing, C);
+  e.rc = row_coef<A>(wy, wsum, r.smoothing, r.num_classes);
   // The target column, read by every thread before the gradient overwrites the row in place.
   A c_y = A(0), z_y = A(0);
-  if (e.t.valid) z_y = e.logit(lrow[e.t.y], e.t.y, c_y);
+  if (e.t.owned) z_y = e.logit(lrow[e.t.col], e.t.col, c_y);
 
   if (a.lse_in) {
     e.lse = a.lse_in[i];
@@ -146,7 +147,8 @@ __global__ void __launch_bounds__(kEpilogueThreads)
     if (threadIdx.x == 0) {
       A loss = A(0);
       if (e.t.valid) {
-        loss = sample_w(r, i) * row_loss(e.rc, e.lse, z_y, wsum, wz);
+        loss = sample_w(r, i) * (r.shard ? row_partial(e.rc, z_y, e.t.owned, wz)
+                                         : row_loss(e.rc, e.lse, z_y, wsum, wz));
       } else if (e.t.bad) {
         loss = A(NAN);
       }
@@ -162,7 +164,8 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   }
   const A inv_div = a.gs.divisor_parts ? inv_divisor(div) : A(1);
   e.k = row_k(r, a.gs, e.t, i, inv_div);
-  e.dpsi = r.normalize && e.t.valid ? margin_dpsi(c_y, r.mp) : A(1);
+  e.dpsi = r.normalize && e.t.owned ? margin_dpsi(c_y, r.mp) : A(1);
+  e.zero = zero_row(r, e.t);
   __syncthreads();  // every read of the target column comes before the in-place writes
   G* grow = a.g_out + int64_t(blockIdx.x) * C;
   A tsum = A(0);
@@ -184,11 +187,12 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   if (threadIdx.x == 0) a.u_out[i] = proj ? tsum * e.inv_n * e.inv_n : A(0);
 }
 
-// grad x of rows [r0, r0 + n): x_scale · (gx − u_i x_i), in x's dtype.
+// grad x of rows [r0, r0 + n): x_scale · (gx − u_i x_i), in grad_x's dtype (x's, or the loss
+// dtype in the shard mode).
 template <typename A>
 __global__ void finish_grad_x_kernel(const A* gx, const void* x, DType x_t, const A* u,
                                      int64_t r0, int64_t n, int64_t D, bool normalize,
-                                     const GradScale<A> gs, void* grad_x) {
+                                     const GradScale<A> gs, void* grad_x, DType gx_t) {
   const A xs = grad_x_scale(gs);
   const int64_t total = n * D;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
@@ -197,7 +201,7 @@ __global__ void finish_grad_x_kernel(const A* gx, const void* x, DType x_t, cons
     const int64_t ge = r0 * D + e;
     A v = gx[e];
     if (normalize) v -= u[i] * load_as<A>(x, x_t, ge);
-    store_as(grad_x, x_t, ge, xs * v);
+    store_as(grad_x, gx_t, ge, xs * v);
   }
 }
 

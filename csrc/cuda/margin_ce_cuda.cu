@@ -1,5 +1,6 @@
-// The CUDA implementation of udat_kernels::margin_ce_fwd / margin_ce_bwd: argument preparation,
-// the row reductions both paths share, the choice of path, and the registration.
+// The CUDA implementation of udat_kernels::margin_ce_fwd / margin_ce_bwd and of their shard mode
+// margin_ce_shard_fwd / margin_ce_shard_bwd: argument preparation, the row reductions both paths
+// share, the choice of path, and the registration.
 //
 // Everything is launched on the current stream and nothing waits for the device: targets are
 // not range-checked here (that needs a sync; the Python layer does it when validate=True), and a
@@ -164,10 +165,12 @@ int64_t device_smem_optin() {
 
 Problem make_problem(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
                      const OptTensor& bias, const OptTensor& class_weight,
-                     const OptTensor& sample_weight, const CeOptions& opt) {
+                     const OptTensor& sample_weight, const CeOptions& opt,
+                     const ShardSpec& shard) {
   Problem P;
   P.acc = loss_dtype(x, weight);
   P.opt = opt;
+  P.shard = shard;
   P.x = x.contiguous();
   P.weight = weight.contiguous();
   P.target = target.contiguous();
@@ -197,6 +200,9 @@ RowArgs<A> row_args(const Problem& P) {
   r.B = P.B;
   r.C = P.C;
   r.D = P.D;
+  r.offset = P.shard.offset;
+  r.num_classes = P.shard.num_classes;
+  r.shard = P.shard.shard;
   r.ignore_index = P.opt.ignore_index;
   r.smoothing = static_cast<A>(P.opt.label_smoothing);
   r.mp = cast_params<A>(make_margin_params(P.opt.scale, P.opt.margin, P.opt.cos_margin,
@@ -283,6 +289,14 @@ void run_pass(const Problem& P, Pass& pass) {
     return;
   }
   if (!force_large() && small_c_fits(P)) {
+    if (pass.want_grad && pass.grad_x.scalar_type() != P.x.scalar_type()) {
+      // The fused kernel writes grad x in x's dtype: a grad x in the loss dtype (the shard
+      // mode's) takes x widened to it (exactly; a copy of B × D, small beside the pass).
+      Problem wide = P;
+      wide.x = P.x.to(pass.grad_x.scalar_type());
+      small_c_run(wide, pass);
+      return;
+    }
     small_c_run(P, pass);
   } else {
     large_c_run(P, pass);
@@ -321,7 +335,8 @@ FwdResult margin_ce_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                      ignore_index, reduction, straight_through);
   check_inputs(x, weight, target, bias, class_weight, sample_weight, opt);
   const DeviceGuard guard(x.device());
-  const Problem P = make_problem(x, weight, target, bias, class_weight, sample_weight, opt);
+  const Problem P = make_problem(x, weight, target, bias, class_weight, sample_weight, opt,
+                                 ShardSpec::whole(weight.size(0)));
   const auto acc_opts = x.options().dtype(P.acc);
   Pass pass;
   pass.write_loss = true;
@@ -364,7 +379,8 @@ BwdResult margin_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& x,
   TORCH_CHECK_VALUE(lse.device() == x.device(), "lse: expected a tensor on ", x.device(),
                     " like x, got ", lse.device());
   const DeviceGuard guard(x.device());
-  const Problem P = make_problem(x, weight, target, bias, class_weight, sample_weight, opt);
+  const Problem P = make_problem(x, weight, target, bias, class_weight, sample_weight, opt,
+                                 ShardSpec::whole(weight.size(0)));
   Pass pass;
   pass.want_grad = true;
   pass.lse_in = lse.to(P.acc).contiguous();
@@ -376,6 +392,78 @@ BwdResult margin_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& x,
   return {pass.grad_x, pass.grad_w, gb};
 }
 
+// The shard mode (docs/design.md, "Shard mode"): the same passes over a shard of the classes
+// (ShardSpec), reduction none, rows writing q_i; the backward takes the combined lse and the
+// per-row upstream ∂L/∂loss_i, and writes grad x in the loss dtype. A shard without classes is
+// answered without a launch (and without a host sync).
+
+ShardFwdResult margin_ce_shard_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& target, const OptTensor& bias,
+                                        const OptTensor& class_weight,
+                                        const OptTensor& sample_weight, int64_t class_offset,
+                                        int64_t num_classes, bool normalize, double scale,
+                                        double margin, double cos_margin,
+                                        double label_smoothing, int64_t ignore_index,
+                                        bool straight_through) {
+  const CeOptions opt = make_options(normalize, scale, margin, cos_margin, label_smoothing,
+                                     ignore_index, 0, straight_through);
+  check_shard_inputs(x, weight, target, bias, class_weight, sample_weight, opt, class_offset,
+                     num_classes);
+  const DeviceGuard guard(x.device());
+  const auto acc_opts = x.options().dtype(loss_dtype(x, weight));
+  const int64_t B = x.size(0);
+  if (weight.size(0) == 0) {
+    // lse^(r) = −inf, q^(r) = 0, NaN on rows with a bad target.
+    const at::Tensor bad =
+        target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(num_classes)));
+    return {at::full({B}, -std::numeric_limits<double>::infinity(), acc_opts),
+            at::zeros({B}, acc_opts).masked_fill_(bad, std::numeric_limits<double>::quiet_NaN())};
+  }
+  const Problem P = make_problem(x, weight, target, bias, class_weight, sample_weight, opt,
+                                 ShardSpec{class_offset, num_classes, true});
+  Pass pass;
+  pass.write_loss = true;
+  pass.loss = at::empty({B}, acc_opts);  // q_i
+  pass.lse = at::empty({B}, acc_opts);
+  run_pass(P, pass);
+  return {pass.lse, pass.loss};
+}
+
+BwdResult margin_ce_shard_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& x,
+                                   const at::Tensor& weight, const at::Tensor& target,
+                                   const OptTensor& bias, const OptTensor& class_weight,
+                                   const OptTensor& sample_weight, const at::Tensor& lse,
+                                   const OptTensor& grl_lambda, int64_t class_offset,
+                                   int64_t num_classes, bool normalize, double scale,
+                                   double margin, double cos_margin, double label_smoothing,
+                                   int64_t ignore_index, bool straight_through) {
+  const CeOptions opt = make_options(normalize, scale, margin, cos_margin, label_smoothing,
+                                     ignore_index, 0, straight_through);
+  check_shard_inputs(x, weight, target, bias, class_weight, sample_weight, opt, class_offset,
+                     num_classes);
+  check_shard_rows(x, grad_rows, lse);
+  const DeviceGuard guard(x.device());
+  const at::ScalarType acc = loss_dtype(x, weight);
+  const auto acc_opts = x.options().dtype(acc);
+  Pass pass;
+  set_lambda(grl_lambda, x, pass);
+  if (weight.size(0) == 0) {
+    return {at::zeros({x.size(0), x.size(1)}, acc_opts),
+            at::empty({0, x.size(1)}, weight.options()),
+            bias ? at::empty({0}, bias->options()) : at::empty({0}, acc_opts)};
+  }
+  const Problem P = make_problem(x, weight, target, bias, class_weight, sample_weight, opt,
+                                 ShardSpec{class_offset, num_classes, true});
+  pass.want_grad = true;
+  pass.lse_in = lse.to(acc).contiguous();
+  pass.upstream = grad_rows.to(acc).contiguous();  // per row: reduction none
+  pass.grad_x = at::empty({P.B, P.D}, acc_opts);
+  pass.grad_w = at::empty({P.C, P.D}, P.weight.options());
+  if (bias) pass.grad_b = at::empty({P.C}, bias->options());
+  run_pass(P, pass);
+  return {pass.grad_x, pass.grad_w, bias ? pass.grad_b : at::empty({0}, acc_opts)};
+}
+
 }  // namespace cuda
 }  // namespace udat
 
@@ -384,5 +472,7 @@ BwdResult margin_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& x,
 TORCH_LIBRARY_IMPL(udat_kernels, CUDA, m) {
   m.impl("margin_ce_fwd", &udat::cuda::margin_ce_fwd_cuda);
   m.impl("margin_ce_bwd", &udat::cuda::margin_ce_bwd_cuda);
+  m.impl("margin_ce_shard_fwd", &udat::cuda::margin_ce_shard_fwd_cuda);
+  m.impl("margin_ce_shard_bwd", &udat::cuda::margin_ce_shard_bwd_cuda);
 }
 #endif

@@ -10,19 +10,31 @@
 namespace udat {
 namespace cuda {
 
+// Which classes `weight` holds (docs/design.md, "Shard mode"): [offset, offset + C) of
+// num_classes, and whether the rows write the shard's partial q_i rather than the loss. The
+// ordinary op is the whole problem.
+struct ShardSpec {
+  int64_t offset;
+  int64_t num_classes;
+  bool shard;
+
+  static ShardSpec whole(int64_t C) { return {0, C, false}; }
+};
+
 // The inputs of one call, on one device, ready for the kernels: x, weight and target contiguous
 // (in their own dtypes), the optional vectors in the accumulation dtype.
 struct Problem {
   at::Tensor x;              // (B, D)
   at::Tensor weight;         // (C, D)
   at::Tensor target;         // (B,) int64
-  at::Tensor class_weight;   // (C,) acc, or undefined
+  at::Tensor class_weight;   // (num_classes,) acc, or undefined
   at::Tensor sample_weight;  // (B,) acc, or undefined
   at::Tensor bias;           // (C,) acc, or undefined
-  at::Tensor wsum;           // () acc: Σ class weights, or undefined (then C)
+  at::Tensor wsum;           // () acc: Σ class weights, or undefined (then num_classes)
   at::ScalarType acc;        // float32, or float64 when x or weight is float64
   CeOptions opt;
-  int64_t B, C, D;
+  int64_t B, C, D;           // C: weight's classes (the shard's in the shard mode)
+  ShardSpec shard;
 };
 
 // One pass over the rows: the forward (loss and lse, and with want_grad the gradient of the reduced
@@ -35,7 +47,7 @@ struct Pass {
   at::Tensor lambda;        // grl_lambda (0-dim), or undefined: no GRL
 
   // Outputs, allocated by the caller: loss is (B,) for none and () otherwise; grads in the dtypes
-  // of x, weight and bias (grad_b undefined without a bias).
+  // of x (the shard mode: the loss dtype), weight and bias (grad_b undefined without a bias).
   at::Tensor loss, lse, grad_x, grad_w, grad_b;
 };
 
@@ -47,7 +59,8 @@ int64_t device_smem_optin();  // the most dynamic shared memory a block may opt 
 
 Problem make_problem(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
                      const OptTensor& bias, const OptTensor& class_weight,
-                     const OptTensor& sample_weight, const CeOptions& opt);
+                     const OptTensor& sample_weight, const CeOptions& opt,
+                     const ShardSpec& shard);
 
 // Kernel arguments shared by both implementations.
 template <typename A>
@@ -85,6 +98,25 @@ BwdResult margin_ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& x,
                              const OptTensor& grl_lambda, bool normalize, double scale,
                              double margin, double cos_margin, double label_smoothing,
                              int64_t ignore_index, int64_t reduction, bool straight_through);
+
+// The shard mode of the pair (docs/design.md, "Shard mode"), on the same passes: the ordinary
+// op's kernels with a class offset, per-row partials and the combined lse in the backward.
+ShardFwdResult margin_ce_shard_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& target, const OptTensor& bias,
+                                        const OptTensor& class_weight,
+                                        const OptTensor& sample_weight, int64_t class_offset,
+                                        int64_t num_classes, bool normalize, double scale,
+                                        double margin, double cos_margin,
+                                        double label_smoothing, int64_t ignore_index,
+                                        bool straight_through);
+BwdResult margin_ce_shard_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& x,
+                                   const at::Tensor& weight, const at::Tensor& target,
+                                   const OptTensor& bias, const OptTensor& class_weight,
+                                   const OptTensor& sample_weight, const at::Tensor& lse,
+                                   const OptTensor& grl_lambda, int64_t class_offset,
+                                   int64_t num_classes, bool normalize, double scale,
+                                   double margin, double cos_margin, double label_smoothing,
+                                   int64_t ignore_index, bool straight_through);
 
 }  // namespace cuda
 }  // namespace udat

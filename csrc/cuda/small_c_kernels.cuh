@@ -212,6 +212,8 @@ __device__ __forceinline__ void row_epilogue(const SmallArgs<S, A>& a, int64_t i
   const MarginParams<A>& mp = r.mp;
   const bool lane0 = threadIdx.x % kWarp == 0;
   const RowTarget t = read_target(r, i);
+  // The target's column where this shard owns it, else -1 (a small int: registers).
+  const int tj = t.owned ? static_cast<int>(t.col) : -1;
   const int C = static_cast<int>(r.C);
 
   A inv_n = A(1);
@@ -222,7 +224,7 @@ __device__ __forceinline__ void row_epilogue(const SmallArgs<S, A>& a, int64_t i
   }
   // Cosine and logit of class j, recomputed where needed rather than kept (registers).
   auto logit = [&](int j, A& c) -> A {
-    const bool is_t = t.valid && j == t.y;
+    const bool is_t = j == tj;
     if (r.normalize) {
       c = dot[j] * inv_n * w_inv_s[j];
       return mp.scale * (is_t ? margin_psi(c, mp) : c);
@@ -233,7 +235,7 @@ __device__ __forceinline__ void row_epilogue(const SmallArgs<S, A>& a, int64_t i
   A c_y = A(0);
 #pragma unroll(sizeof(A) == 8 ? 1 : NC)
   for (int j = 0; j < NC; ++j) {  // (an unrolled loop: dot stays in registers)
-    if (t.valid && j == t.y) c_y = r.normalize ? dot[j] * inv_n * w_inv_s[j] : dot[j];
+    if (j == tj) c_y = r.normalize ? dot[j] * inv_n * w_inv_s[j] : dot[j];
   }
 
   A lse;
@@ -260,7 +262,7 @@ __device__ __forceinline__ void row_epilogue(const SmallArgs<S, A>& a, int64_t i
 
   const A wsum = weight_sum(r);
   const A wy = t.valid ? class_w(r, t.y) : A(0);
-  const RowCoef<A> rc = row_coef<A>(wy, wsum, r.smoothing, r.C);
+  const RowCoef<A> rc = row_coef<A>(wy, wsum, r.smoothing, r.num_classes);
 
   if (a.write_loss) {
     A loss = A(0);
@@ -271,11 +273,12 @@ __device__ __forceinline__ void row_epilogue(const SmallArgs<S, A>& a, int64_t i
         if (j < C) {
           A c;
           const A z = logit(j, c);
-          if (j == t.y) z_y = z;
-          if (rc.b != A(0)) wz += class_w(r, j) * z;
+          if (j == tj) z_y = z;
+          if (rc.b != A(0)) wz += col_w(r, j) * z;
         }
       }
-      loss = sample_w(r, i) * row_loss(rc, lse, z_y, wsum, wz);
+      loss = sample_w(r, i) * (r.shard ? row_partial(rc, z_y, t.owned, wz)
+                                       : row_loss(rc, lse, z_y, wsum, wz));
       div_acc += sample_w(r, i) * wy;
     } else if (t.bad) {
       loss = A(NAN);
@@ -289,16 +292,17 @@ __device__ __forceinline__ void row_epilogue(const SmallArgs<S, A>& a, int64_t i
 
   if (a.want_grad) {
     const A k = row_k(r, a.gs, t, i, inv_div);
-    const A dpsi = r.normalize && t.valid ? margin_dpsi(c_y, mp) : A(1);
+    const A dpsi = r.normalize && t.owned ? margin_dpsi(c_y, mp) : A(1);
+    const bool zero = zero_row(r, t);
     A tsum = A(0);
 #pragma unroll(sizeof(A) == 8 ? 1 : NC)
     for (int j = 0; j < NC; ++j) {
       A g = A(0), cj = A(0);
       if (j < C) {
-        const bool is_t = t.valid && j == t.y;
+        const bool is_t = j == tj;
         A c;
         const A z = logit(j, c);
-        const A delta = k * row_delta(rc, exp(z - lse), is_t, class_w(r, j));
+        const A delta = zero ? A(0) : k * row_delta(rc, exp(z - lse), is_t, col_w(r, j));
         if (r.normalize) {
           g = mp.scale * delta * (is_t ? dpsi : A(1));
           tsum += g * c;
@@ -454,8 +458,10 @@ __global__ void __launch_bounds__(kSmallThreads)
         for (int j = 0; j < NC; ++j) g[j] = g_s[rr * NC + j];
         const A u = u_s[rr];
         A gx[COLS];
+        // The linear head projects nothing (u = 0): no −u·x term, which a non-finite x would
+        // turn into NaN where the row's gradient is exactly zero (an ignored row of a shard).
 #pragma unroll
-        for (int e = 0; e < COLS; ++e) gx[e] = -u * xv[e];
+        for (int e = 0; e < COLS; ++e) gx[e] = a.row.normalize ? -u * xv[e] : A(0);
 #pragma unroll
         for (int j = 0; j < NC; ++j) {
           A wj[COLS];

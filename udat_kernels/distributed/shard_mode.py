@@ -15,10 +15,15 @@ from .. import _C_loader, dispatch, reference
 from ..ops import _as_lambda_tensor
 
 # Backends whose compiled shard mode serves them, with the suffix of their op pair's names (as
-# `dispatch.Backend.impl`): "" is the C++ pair (CPU here; the CUDA kernels register the same ops
-# for the CUDA dispatch key), "triton" margin_ce_shard_{fwd,bwd}_triton (the Triton backend's
-# large-C kernels). A backend not listed here is served by the reference shard mode.
-COMPILED = {"cpu": "", "triton": "triton"}
+# `dispatch.Backend.impl`): "" is the C++ pair (its CPU kernels, and the CUDA kernels registered
+# for the CUDA dispatch key of the same ops), "triton" margin_ce_shard_{fwd,bwd}_triton (the
+# Triton backend's large-C kernels). A backend not listed here is served by the reference shard
+# mode.
+COMPILED = {"cpu": "", "cuda": "", "triton": "triton"}
+
+# The dispatch key under which a C++ backend registers its kernels of the pair "": a build without
+# them (CPU only, or older than the backend's shard mode) is told to rebuild.
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 # Rows per block of the reference's logits: a block holds at most this many bytes of logits of
 # the shard (in the loss dtype); the reference keeps a few temporaries of that size alive. The
@@ -38,11 +43,15 @@ def _pair(backend):
     if suffix:
         dispatch.get_backend(backend)  # registers a Python backend's ops (imported lazily)
     ops = torch.ops.udat_kernels
-    if not _C_loader.available() or not hasattr(ops, "margin_ce_shard_fwd" + suffix):
+    key = _DISPATCH_KEYS.get(backend) if not suffix else None
+    if (not _C_loader.available() or not hasattr(ops, "margin_ce_shard_fwd" + suffix)
+            or (key and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                "udat_kernels::margin_ce_shard_fwd", key))):
+        where = f" for the {key} dispatch key" if key else ""
         raise RuntimeError(f"backend: the {backend!r} shard mode needs the op pair "
                            f"udat_kernels::margin_ce_shard_{{fwd,bwd}}{suffix}, which is not "
-                           f"registered (the {backend!r} backend is not usable here, or this "
-                           f"build of udat_kernels._C predates the shard mode: rebuild it)")
+                           f"registered{where} (the {backend!r} backend is not usable here, or "
+                           f"this build of udat_kernels._C predates the shard mode: rebuild it)")
     return (getattr(ops, "margin_ce_shard_fwd" + suffix).default,
             getattr(ops, "margin_ce_shard_bwd" + suffix).default)
 
