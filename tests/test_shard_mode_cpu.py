@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from torch.library import opcheck
+from torch import library
 
 import udat_kernels as uk
 from udat_kernels import reference
@@ -228,8 +228,8 @@ def test_bad_backward_inputs_are_named(change, name):
     shard_fwd_args(normalize=False, bias=torch.randn(4), class_weight=None, sample_weight=None),
 ], ids=["angular", "empty_shard", "linear"])
 def test_opcheck(args):
-    opcheck(OPS.margin_ce_shard_fwd.default, tuple(args.values()))
+    library.opcheck(OPS.margin_ce_shard_fwd.default, tuple(args.values()))
     fwd = list(args.items())
     b = dict(grad_rows=torch.randn(6), **dict(fwd[:6]), lse=torch.randn(6) + 3,
              grl_lambda=torch.tensor(0.4), **dict(fwd[6:]))
-    opcheck(OPS.margin_ce_shard_bwd.default, tuple(b.values()))
+    library.opcheck(OPS.margin_ce_shard_bwd.default, tuple(b.values()))

@@ -19,7 +19,7 @@ import os
 
 import pytest
 import torch
-from torch.library import opcheck
+from torch import library
 
 if not torch.cuda.is_available():
     # Must precede the first import of triton (kernels are bound to the interpreter then).
@@ -266,6 +266,6 @@ def test_bad_backward_inputs_are_named(change, name):
 ], ids=["angular", "empty_shard", "linear"])
 def test_opcheck(change):
     args = _on_device(shard_fwd_args(**change))
-    opcheck(OPS.margin_ce_shard_fwd_triton.default, tuple(args.values()))
+    library.opcheck(OPS.margin_ce_shard_fwd_triton.default, tuple(args.values()))
     b = _on_device(shard_bwd_args(**change))
-    opcheck(OPS.margin_ce_shard_bwd_triton.default, tuple(b.values()))
+    library.opcheck(OPS.margin_ce_shard_bwd_triton.default, tuple(b.values()))

@@ -11,7 +11,7 @@ mode") gets its fakes through `register_shard_fakes` alike.
 from __future__ import annotations
 
 import torch
-from torch.library import register_fake
+from torch import library
 
 from . import _C_loader, _validate, dispatch, reference
 
@@ -80,8 +80,8 @@ def register_shard_fakes(fwd_name: str, bwd_name: str) -> None:
     """Fake (meta) implementations of a shard-mode pair with the schema of
     margin_ce_shard_fwd/_bwd: (lse, partial) (B,) in the loss dtype; grad x (B, D) in the loss
     dtype, grad W like the shard, grad b like the bias (empty (0,) without one)."""
-    register_fake(fwd_name)(_shard_fwd_fake)
-    register_fake(bwd_name)(_shard_bwd_fake)
+    library.register_fake(fwd_name)(_shard_fwd_fake)
+    library.register_fake(bwd_name)(_shard_bwd_fake)
 
 
 def register_fakes(fwd_name: str, bwd_name: str) -> None:
@@ -90,8 +90,8 @@ def register_fakes(fwd_name: str, bwd_name: str) -> None:
     Their autograd lives on the loss op `udat_kernels::margin_ce`, in C++
     (csrc/margin_ce_autograd.cpp), which calls the pair by name.
     """
-    register_fake(fwd_name)(_fwd_fake)
-    register_fake(bwd_name)(_bwd_fake)
+    library.register_fake(fwd_name)(_fwd_fake)
+    library.register_fake(bwd_name)(_bwd_fake)
 
 
 _LOSS_OP = None
@@ -100,7 +100,7 @@ if _C_loader.available():
     if hasattr(torch.ops.udat_kernels, "margin_ce_shard_fwd"):  # absent from an older build
         register_shard_fakes("udat_kernels::margin_ce_shard_fwd",
                              "udat_kernels::margin_ce_shard_bwd")
-    register_fake("udat_kernels::margin_ce")(_loss_fake)
+    library.register_fake("udat_kernels::margin_ce")(_loss_fake)
     _LOSS_OP = torch.ops.udat_kernels.margin_ce.default
 
 
