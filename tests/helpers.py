@@ -195,3 +195,17 @@ def materialize_keywords(case, B, C, angular, target, device="cpu"):
         for k in ANGULAR_ONLY:
             out.pop(k, None)
     return out
+
+
+def cuda_kernels_unavailable() -> str | None:
+    """Why the compiled CUDA kernels cannot run here (the skip reason of the device tests), or
+    None when they can."""
+    import udat_kernels as uk
+
+    if not uk._C_loader.available():
+        return f"extension not built: {uk._C_loader.error()}"
+    if not uk._C_loader.build_info()["cuda"]:
+        return "the extension was built without its CUDA sources"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None

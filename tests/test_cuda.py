@@ -14,24 +14,14 @@ import torch
 import torch.nn.functional as F
 
 import udat_kernels as uk
-from helpers import (KEYWORDS, check_against_reference, make_inputs, materialize_keywords,
-                     run_loss)
+from helpers import (KEYWORDS, check_against_reference, cuda_kernels_unavailable, make_inputs,
+                     materialize_keywords, run_loss)
 
 ANGULAR = uk.angular_margin_cross_entropy
 LINEAR = uk.linear_cross_entropy
 
 
-def _why_not():
-    if not uk._C_loader.available():
-        return f"extension not built: {uk._C_loader.error()}"
-    if not uk._C_loader.build_info()["cuda"]:
-        return "the extension was built without its CUDA sources"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return None
-
-
-REASON = _why_not()
+REASON = cuda_kernels_unavailable()
 gpu = pytest.mark.skipif(REASON is not None, reason=str(REASON))
 
 

@@ -19,8 +19,8 @@ import torch
 
 import udat_kernels as uk
 import shard_helpers
-from helpers import (KEYWORDS, assert_close_spec, make_inputs, materialize_keywords, run_loss,
-                     tolerance)
+from helpers import (KEYWORDS, assert_close_spec, cuda_kernels_unavailable, make_inputs,
+                     materialize_keywords, run_loss, tolerance)
 from shard_helpers import (BAD_ARGUMENT_IDS, BAD_ARGUMENTS, SPLITS, cuts_of, shard_bwd_args,
                            shard_fwd_args, sharded_loss)
 from udat_kernels import reference
@@ -31,17 +31,7 @@ SIZES = [2, 5, 0, 18]  # fused NC = 2, fused NC = 8, empty, GEMM row blocks
 C = sum(SIZES)
 
 
-def _why_not():
-    if not uk._C_loader.available():
-        return f"extension not built: {uk._C_loader.error()}"
-    if not uk._C_loader.build_info()["cuda"]:
-        return "the extension was built without its CUDA sources"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return None
-
-
-REASON = _why_not()
+REASON = cuda_kernels_unavailable()
 gpu = pytest.mark.skipif(REASON is not None, reason=str(REASON))
 
 
