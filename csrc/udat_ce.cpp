@@ -2,10 +2,12 @@
 // checks they share. See docs/design.md for what each output holds.
 #include "udat_ce.h"
 
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 
 namespace udat {
 
@@ -119,6 +121,24 @@ void check_shard_rows(const at::Tensor& x, const at::Tensor& grad_rows, const at
   };
   check(grad_rows, "grad_rows");
   check(lse, "lse");
+}
+
+ShardFwdResult empty_shard_forward(const at::Tensor& x, const at::Tensor& target,
+                                   at::ScalarType dtype, int64_t ignore_index,
+                                   int64_t num_classes) {
+  const auto opts = x.options().dtype(dtype);
+  const int64_t B = x.size(0);
+  const at::Tensor bad =
+      target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(num_classes)));
+  return {at::full({B}, -std::numeric_limits<double>::infinity(), opts),
+          at::zeros({B}, opts).masked_fill_(bad, std::numeric_limits<double>::quiet_NaN())};
+}
+
+BwdResult empty_shard_backward(const at::Tensor& x, const at::Tensor& weight,
+                               const OptTensor& bias, at::ScalarType dtype) {
+  const auto opts = x.options().dtype(dtype);
+  return {at::zeros({x.size(0), x.size(1)}, opts), at::empty({0, x.size(1)}, weight.options()),
+          bias ? at::empty({0}, bias->options()) : at::empty({0}, opts)};
 }
 
 int64_t env_knob(const char* name, int64_t fallback, int64_t min_value) {

@@ -61,4 +61,13 @@ using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using ShardFwdResult = std::tuple<at::Tensor, at::Tensor>;  // (lse_local, partial)
 
+// A shard without classes, on any device (tensor ops, no host sync): the forward's lse = −inf and
+// q = 0 (NaN on rows whose target is outside [0, num_classes) and not ignore_index); the
+// backward's grad x = 0 and empty grad W and grad bias. `dtype`: the loss dtype.
+ShardFwdResult empty_shard_forward(const at::Tensor& x, const at::Tensor& target,
+                                   at::ScalarType dtype, int64_t ignore_index,
+                                   int64_t num_classes);
+BwdResult empty_shard_backward(const at::Tensor& x, const at::Tensor& weight,
+                               const OptTensor& bias, at::ScalarType dtype);
+
 }  // namespace udat

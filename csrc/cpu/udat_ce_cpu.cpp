@@ -849,31 +849,15 @@ BwdResult margin_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x,
 // with per-row partials in the forward and the combined lse in the backward.
 // ---------------------------------------------------------------------------------------------
 
-// A shard without classes: lse^(r) = −inf, q^(r) = 0 (NaN on rows with a bad target); its part
-// of grad x is zero.
-template <typename T>
-ShardFwdResult empty_shard_forward(const at::Tensor& x, const at::Tensor& target,
-                                   const CeOptions& opt, int64_t num_classes) {
-  const auto fopt = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const int64_t B = x.size(0);
-  at::Tensor lse = at::full({B}, -std::numeric_limits<T>::infinity(), fopt);
-  at::Tensor partial = at::zeros({B}, fopt);
-  const int64_t* t = target.data_ptr<int64_t>();
-  T* q = partial.data_ptr<T>();
-  for (int64_t i = 0; i < B; ++i) {
-    if (t[i] != opt.ignore_index && (t[i] < 0 || t[i] >= num_classes)) {
-      q[i] = std::numeric_limits<T>::quiet_NaN();
-    }
-  }
-  return {lse, partial};
-}
-
 template <typename T>
 ShardFwdResult shard_forward_impl(const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& target, const OptTensor& bias,
                                   const OptTensor& class_weight, const OptTensor& sample_weight,
                                   const CeOptions& opt, const ShardSpec& shard) {
-  if (weight.size(0) == 0) return empty_shard_forward<T>(x, target, opt, shard.num_classes);
+  if (weight.size(0) == 0) {
+    return empty_shard_forward(x, target, c10::CppTypeToScalarType<T>::value, opt.ignore_index,
+                               shard.num_classes);
+  }
   Problem<T> P = make_problem<T>(x, weight, target, bias, class_weight, sample_weight, opt, shard);
   at::Tensor lse = at::empty({P.B}, P.opts);
   at::Tensor partial = at::empty({P.B}, P.opts);
@@ -893,11 +877,7 @@ BwdResult shard_backward_impl(const at::Tensor& grad_rows, const at::Tensor& x,
                               const ShardSpec& shard) {
   const auto st = c10::CppTypeToScalarType<T>::value;
   const T x_scale = grl_scale<T>(grl_lambda);
-  if (weight.size(0) == 0) {
-    const auto fopt = x.options().dtype(st);
-    return {at::zeros({x.size(0), x.size(1)}, fopt), at::empty({0, x.size(1)}, weight.options()),
-            bias ? at::empty({0}, bias->options()) : at::empty({0}, fopt)};
-  }
+  if (weight.size(0) == 0) return empty_shard_backward(x, weight, bias, st);
   Problem<T> P = make_problem<T>(x, weight, target, bias, class_weight, sample_weight, opt, shard);
   // k_i = v_i·∂L/∂loss_i; row_epilogue zeroes the ignored rows and fills the bad ones with NaN.
   at::Tensor k = grad_rows.to(st);

@@ -413,11 +413,7 @@ ShardFwdResult margin_ce_shard_fwd_cuda(const at::Tensor& x, const at::Tensor& w
   const auto acc_opts = x.options().dtype(loss_dtype(x, weight));
   const int64_t B = x.size(0);
   if (weight.size(0) == 0) {
-    // lse^(r) = −inf, q^(r) = 0, NaN on rows with a bad target.
-    const at::Tensor bad =
-        target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(num_classes)));
-    return {at::full({B}, -std::numeric_limits<double>::infinity(), acc_opts),
-            at::zeros({B}, acc_opts).masked_fill_(bad, std::numeric_limits<double>::quiet_NaN())};
+    return empty_shard_forward(x, target, loss_dtype(x, weight), ignore_index, num_classes);
   }
   const Problem P = make_problem(x, weight, target, bias, class_weight, sample_weight, opt,
                                  ShardSpec{class_offset, num_classes, true});
@@ -447,11 +443,7 @@ BwdResult margin_ce_shard_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor
   const auto acc_opts = x.options().dtype(acc);
   Pass pass;
   set_lambda(grl_lambda, x, pass);
-  if (weight.size(0) == 0) {
-    return {at::zeros({x.size(0), x.size(1)}, acc_opts),
-            at::empty({0, x.size(1)}, weight.options()),
-            bias ? at::empty({0}, bias->options()) : at::empty({0}, acc_opts)};
-  }
+  if (weight.size(0) == 0) return empty_shard_backward(x, weight, bias, acc);
   const Problem P = make_problem(x, weight, target, bias, class_weight, sample_weight, opt,
                                  ShardSpec{class_offset, num_classes, true});
   pass.want_grad = true;
