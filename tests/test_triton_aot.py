@@ -54,7 +54,8 @@ SASS = """
 
 def test_analyze_sass():
     r = aot.analyze_sass(SASS)
-    assert r["loops"] == [{"length": 6, "barriers": 1, "async_loads": 2, "mma": 1}]
+    assert r["loops"] == [{"length": 6, "barriers": 1, "async_loads": 2, "mma": 1,
+                           "innermost": True}]
     assert r["tf32_mma"] == 1
     assert r["local_stores"] == 1
 
@@ -85,6 +86,35 @@ def test_check_rules(result, origins, expected):
         assert fails == []
     else:
         assert len(fails) == 1 and expected in fails[0]
+
+
+SASS_NESTED = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   FFMA R3, R2, R2, R3 ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0050*/               @P1 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+"""
+
+
+def test_nested_loops_and_the_declared_barriers():
+    r = aot.analyze_sass(SASS_NESTED)
+    assert [(lp["length"], lp["barriers"], lp["innermost"]) for lp in r["loops"]] == [
+        (3, 0, True), (5, 1, False)]
+    spec = _spec("udat_kernels.triton_backend.small_c:_small_c_kernel",
+                 ("bandwidth (65536, 1024, 7) bf16",))
+    spec["constexprs"] = {"COMPUTE_GRAD": True}
+    per_block = small_c._barriers(True)[0]
+    ok = _result(loops=r["loops"])
+    assert aot.check({"k": spec}, {"k": ok}, {"small_c_kernel": 2}) == []
+    # a barrier in the feature loop, or more per row block than the launch declares, fails
+    inner = _result(loops=[dict(r["loops"][0], barriers=1), r["loops"][1]])
+    outer = _result(loops=[r["loops"][0], dict(r["loops"][1], barriers=per_block + 1)])
+    for bad in (inner, outer):
+        fails = aot.check({"k": spec}, {"k": bad}, {"small_c_kernel": 2})
+        assert len(fails) == 1 and "barriers" in fails[0]
 
 
 def test_recorded_specialization_is_the_runtimes():

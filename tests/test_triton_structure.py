@@ -47,6 +47,18 @@ def test_large_batch_is_one_wave_at_design_occupancy(dtype):
         H200.num_sms * design.BLOCKS_PER_SM["small_c_kernel"]}
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("C", [2, 7])
+def test_large_batch_keeps_4kb_in_flight_per_program(C, dtype):
+    # Little's law at the model's copy rate and DRAM latency: 1056 programs × 4 KB cover the
+    # 2.3 MB the H200 needs in flight; the partials' reduction streams too.
+    rec = plan.plan(65536, 1024, C, dtype)
+    main = [c for k, _, c, _ in rec.costs if k.endswith(":_small_c_kernel")]
+    assert len(main) == 2 and all(c.inflight == 4096 for c in main), [c.inflight for c in main]
+    (gw,) = [(g, c) for k, g, c, _ in rec.costs if k.endswith(":_small_c_grad_weight_kernel")]
+    assert math.prod(gw[0]) * gw[1].inflight >= 2 * 2**20 * C / 7
+
+
 def _chunks(free_bytes, C=1_000_000, B=8192, D=512):
     info = _runtime.DeviceInfo(gpu=True, num_sms=132, free_bytes=free_bytes,
                                total_bytes=141 * 10**9)

@@ -157,15 +157,19 @@ def analyze_sass(sass: str) -> dict:
     """Spill stores, TF32 mma, and per loop body (a backward branch's range) its barriers,
     async loads and mma instructions."""
     instrs = [(int(m.group(1), 16), m.group(2)) for m in _ADDR.finditer(sass)]
-    loops = []
+    loops, spans = [], []
     for addr, text in instrs:
         m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text)
         if m and m.group(1) is not None:
             target = int(m.group(1), 16)
             if target < addr:
                 body = [t for a, t in instrs if target <= a <= addr]
+                spans.append((target, addr))
                 loops.append({"length": len(body), **{k: sum(bool(r.search(" " + t)) for t in body)
                                                        for k, r in _LOOP_OPS.items()}})
+    for loop, (lo, hi) in zip(loops, spans):
+        # innermost: no other loop's range inside this one's
+        loop["innermost"] = not any(lo <= a <= b <= hi and (a, b) != (lo, hi) for a, b in spans)
     texts = [t for _, t in instrs]
     return {
         "local_stores": sum(bool(re.search(r"\bSTL\b|\bSTL\.", t)) for t in texts),
@@ -244,7 +248,7 @@ def describe(spec: dict) -> str:
     """The constexprs that tell specializations of a kernel apart, briefly."""
     ce = spec["constexprs"]
     tiles = "×".join(str(ce[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_B", "BLOCK_C",
-                                          "BLOCK_D", "BLOCK_L", "VEC", "VEC2", "BLOCK_R",
+                                          "BLOCK_D", "BLOCK_L", "VEC", "UNROLL", "BLOCK_R",
                                           "BLOCK_P", "BLOCK") if k in ce)
     dtypes = sorted({ty[1:] for _, ty, _ in spec["args"] if ty.startswith("*")} - {"i64"})
     flags = [k for k in ("COMPUTE_GRAD", "WRITE_LOSS", "DOT_FP32", "GW_DIRECT", "ACCUMULATE")
@@ -252,6 +256,16 @@ def describe(spec: dict) -> str:
     nc = f" C={ce['NUM_C']}" if "NUM_C" in ce else ""
     return f"{'/'.join(dtypes)}{nc} {tiles} w{spec['num_warps']} s{spec['num_stages']} " \
            + " ".join(f.lower() for f in flags)
+
+
+def _declared_barriers(spec: dict):
+    """(innermost loop, any loop) barriers the small-C launcher declares per row block for this
+    build (small_c._barriers, which the performance model takes), or None for other kernels."""
+    if not spec["kernel"].endswith(":_small_c_kernel"):
+        return None
+    from . import small_c
+
+    return 0, small_c._barriers(bool(spec["constexprs"].get("COMPUTE_GRAD")))[0]
 
 
 def check(specs: dict, results: dict, design: dict) -> list[str]:
@@ -276,6 +290,14 @@ def check(specs: dict, results: dict, design: dict) -> list[str]:
         elif planned and r["blocks_per_sm"] < want:
             fails.append(f"{name}: {r['blocks_per_sm']} blocks per SM compiled, designed for "
                          f"{want} ({', '.join(planned)})")
+        declared = _declared_barriers(spec)
+        if planned and declared is not None:
+            inner = max([lp["barriers"] for lp in r["loops"] if lp["innermost"]], default=0)
+            outer = max([lp["barriers"] for lp in r["loops"]], default=0)
+            if inner > declared[0] or outer > declared[1]:
+                fails.append(f"{name}: {inner} barriers in an innermost loop, {outer} in a loop "
+                             f"body; the launch declares at most {declared[0]} and "
+                             f"{declared[1]} ({', '.join(planned)})")
     return fails
 
 

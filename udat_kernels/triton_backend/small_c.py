@@ -45,7 +45,8 @@ _NUM_WARPS = 1
 # Partials summed at once by the reduction over programs (in the main kernel: the loss), and
 # the grad W partials the second kernel reads per step (enough bytes in flight to stream them).
 _BLOCK_P = 32
-_BLOCK_P_GW = 128
+_BLOCK_P_GW = 256
+_NUM_WARPS_GW = 8  # 64 fp32 sums a thread for a (256, 64) tile
 
 
 @triton.jit(do_not_specialize=COUNTS)
@@ -60,7 +61,7 @@ def _small_c_kernel(
     WRITE_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DENOM_INLINE: tl.constexpr,
     GW_DIRECT: tl.constexpr, XSQ_SLOT: tl.constexpr,
     BLOCK_B: tl.constexpr, NUM_C: tl.constexpr, BLOCK_L: tl.constexpr, VEC: tl.constexpr,
-    VEC2: tl.constexpr, BLOCK_P: tl.constexpr,
+    UNROLL: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Loss and/or gradient of row blocks pid, pid + programs, ...
 
@@ -71,24 +72,29 @@ def _small_c_kernel(
     (programs, C) (Σ_i G_ij c_ij for the angular head, Σ_i δ_ij = grad bias for the linear
     one); wnorm (C,) the weight row norms.
 
-    Every tile is 4-D, rows × classes × lanes × vector ([BLOCK_B, NUM_C, BLOCK_L, VEC]): a
-    step covers BLOCK_L · VEC features, each thread VEC contiguous ones of every row and class.
-    The sums over the vector, the classes (grad x) and the rows (grad W) stay in a thread; the
-    dot products are summed over the lanes once per row block. XSQ_SLOT: class NUM_C − 1 is
-    padding (C < NUM_C) and its "weight row" is x itself, so that the same sum gives ‖x_i‖².
+    Every tile is rows × classes × features ([BLOCK_B, NUM_C, BLOCK_L · VEC]) with the features
+    flat: a sub-step covers BLOCK_L · VEC features, each thread VEC contiguous ones (16 bytes of
+    the wider of x and W) of every row and class, and a pass-1 loop step UNROLL sub-steps (more
+    bytes in flight). A flat feature dimension of 32 × 16 bytes takes all the warp's threads in
+    the layout Triton gives every load, whatever the other dimensions: x's and W's tiles and
+    both passes share one layout, and the loops need no layout conversion (no shared memory, no
+    barrier). The sums over the vector (a reshape to [.., BLOCK_L, VEC], within the thread),
+    the classes (grad x) and the rows (grad W) stay in a thread; the dot products are summed
+    over the lanes once per row block. XSQ_SLOT: class NUM_C − 1 is padding (C < NUM_C) and its
+    "weight row" is x itself, so that the same sum gives ‖x_i‖².
     """
     pid = tl.program_id(0).to(tl.int64)
     nprog = tl.num_programs(0)
     n_blocks = tl.cdiv(B, BLOCK_B)
     cols = tl.arange(0, NUM_C)
     col_ok = cols < C
-    c4 = cols[None, :, None, None]
-    w_ok = c4 < C
-    w_rows = w_ptr + c4 * stride_w
-    # feature offsets of a step: lane l holds VEC (pass 1) or VEC2 (pass 2) contiguous ones
-    feat = (tl.arange(0, BLOCK_L)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, None, :, :]
-    feat2 = (tl.arange(0, BLOCK_L)[:, None] * VEC2
-             + tl.arange(0, VEC2)[None, :])[None, None, :, :]
+    c3 = cols[None, :, None]
+    w_ok = c3 < C
+    w_rows = w_ptr + c3 * stride_w
+    # feature offsets of a sub-step: lane l holds VEC contiguous ones
+    SUB = BLOCK_L * VEC
+    feat = tl.arange(0, BLOCK_L * VEC)[None, None, :]
+    STEP = SUB * UNROLL
     xsq_col = cols[None, :] == NUM_C - 1
 
     if HAS_CW:
@@ -101,17 +107,17 @@ def _small_c_kernel(
     # Weight row norms: every program needs them and W is small on this path.
     inv_w = tl.full((NUM_C,), 1.0, tl.float32)
     if NORMALIZE:
-        wsq = tl.zeros((1, NUM_C, BLOCK_L), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_L * VEC):
+        wsq = tl.zeros((1, NUM_C, BLOCK_L * VEC), dtype=tl.float32)
+        for d0 in range(0, D, SUB):
             dd = d0 + feat
             w = tl.load(w_rows + dd, mask=w_ok & (dd < D), other=0.0).to(tl.float32)
-            wsq += tl.sum(w * w, 3)
+            wsq += w * w
         wsq = tl.sum(tl.sum(wsq, 2), 0)
         inv_w = inv_norm(wsq)
         proj_w = tl.sqrt(wsq) >= 1e-12
         if COMPUTE_GRAD and not GW_DIRECT:
             tl.store(wnorm_ptr + cols, tl.sqrt(wsq), mask=col_ok & (pid == 0))
-    inv_w4 = inv_w[None, :, None, None]
+    inv_w3 = inv_w[None, :, None]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
 
@@ -132,9 +138,9 @@ def _small_c_kernel(
     for blk in range(pid, n_blocks, nprog):
         rows = blk * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        r4 = rows.to(tl.int64)[:, None, None, None]
-        x_rows = x_ptr + r4 * stride_x
-        x_ok = row_ok[:, None, None, None]
+        r3 = rows.to(tl.int64)[:, None, None]
+        x_rows = x_ptr + r3 * stride_x
+        x_ok = row_ok[:, None, None]
         tgt, valid, in_range, v, k = row_scale(
             target_ptr, sw_ptr, gloss_ptr, rows, row_ok, B, C, ignore_index, inv_denom,
             HAS_SW, HAS_GLOSS, REDUCTION)
@@ -145,16 +151,17 @@ def _small_c_kernel(
         acc = tl.zeros((BLOCK_B, NUM_C, BLOCK_L), dtype=tl.float32)
         if not XSQ_SLOT:
             xsq_acc = tl.zeros((BLOCK_B, 1, BLOCK_L), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_L * VEC):
-            dd = d0 + feat
-            d_ok = dd < D
-            xt = tl.load(x_rows + dd, mask=x_ok & d_ok, other=0.0).to(tl.float32)
-            wt = tl.load(w_rows + dd, mask=w_ok & d_ok, other=0.0).to(tl.float32)
-            if XSQ_SLOT:
-                wt = tl.where(c4 == NUM_C - 1, xt, wt)
-            else:
-                xsq_acc += tl.sum(xt * xt, 3)
-            acc += tl.sum(xt * wt, 3)
+        for d0 in range(0, D, STEP):
+            for u in tl.static_range(UNROLL):
+                dd = d0 + u * SUB + feat
+                d_ok = dd < D
+                xt = tl.load(x_rows + dd, mask=x_ok & d_ok, other=0.0).to(tl.float32)
+                wt = tl.load(w_rows + dd, mask=w_ok & d_ok, other=0.0).to(tl.float32)
+                if XSQ_SLOT:
+                    wt = tl.where(c3 == NUM_C - 1, xt, wt)
+                else:
+                    xsq_acc += tl.sum(tl.reshape(xt * xt, (BLOCK_B, 1, BLOCK_L, VEC)), 3)
+                acc += tl.sum(tl.reshape(xt * wt, (BLOCK_B, NUM_C, BLOCK_L, VEC)), 3)
         dots = tl.sum(acc, 2)
         if XSQ_SLOT:
             xsq = tl.sum(tl.where(xsq_col, dots, 0.0), 1)
@@ -214,40 +221,40 @@ def _small_c_kernel(
                 row_t = tl.sum(g * cos, 1)
                 row_t = tl.where(tl.sqrt(xsq) >= 1e-12, row_t, 0.0)
                 col_t = tl.where(proj_w, tl.sum(g * cos, 0), 0.0)
-                inv_x4 = inv_x[:, None, None, None]
-                row_t4 = row_t[:, None, None, None]
+                inv_x3 = inv_x[:, None, None]
+                row_t3 = row_t[:, None, None]
             else:
                 g = tl.where(col_ok[None, :], delta, 0.0)
                 col_t = tl.sum(g, 0)
-            g4 = g[:, :, None, None]
+            g3 = g[:, :, None]
 
             # Pass 2 over the features (x's block is hot in cache): grad x = G Ŵ and
             # grad W = Gᵀ X̂ (before the norms' Jacobians), summed over classes and rows in the
             # thread.
-            for d0 in range(0, D, BLOCK_L * VEC2):
-                dd = d0 + feat2
+            for d0 in range(0, D, SUB):
+                dd = d0 + feat
                 d_ok = dd < D
                 xt = tl.load(x_rows + dd, mask=x_ok & d_ok, other=0.0).to(tl.float32)
                 wt = tl.load(w_rows + dd, mask=w_ok & d_ok, other=0.0).to(tl.float32)
                 if NORMALIZE:
-                    xt = xt * inv_x4
-                    wt = wt * inv_w4
-                gx = tl.sum(g4 * wt, 1, keep_dims=True)
-                gw = tl.sum(g4 * xt, 0, keep_dims=True)
+                    xt = xt * inv_x3
+                    wt = wt * inv_w3
+                gx = tl.sum(g3 * wt, 1, keep_dims=True)
+                gw = tl.sum(g3 * xt, 0, keep_dims=True)
                 if NORMALIZE:
-                    gx = inv_x4 * (gx - row_t4 * xt)
+                    gx = inv_x3 * (gx - row_t3 * xt)
                 if HAS_LAMBDA:
                     gx = gx * neg_lambda
-                tl.store(gx_ptr + r4 * D + dd, cast_rn(gx, gx_ptr.dtype.element_ty),
+                tl.store(gx_ptr + r3 * D + dd, cast_rn(gx, gx_ptr.dtype.element_ty),
                          mask=x_ok & d_ok)
                 gw_mask = w_ok & d_ok
                 if GW_DIRECT:
                     if NORMALIZE:
-                        gw = inv_w4 * (gw - col_t[None, :, None, None] * wt)
-                    tl.store(gw_ptr + c4 * D + dd, cast_rn(gw, gw_ptr.dtype.element_ty),
+                        gw = inv_w3 * (gw - col_t[None, :, None] * wt)
+                    tl.store(gw_ptr + c3 * D + dd, cast_rn(gw, gw_ptr.dtype.element_ty),
                              mask=gw_mask)
                 else:
-                    part = gw_part_ptr + (pid * C + c4) * D + dd
+                    part = gw_part_ptr + (pid * C + c3) * D + dd
                     prev = tl.load(part, mask=gw_mask & (blk != pid), other=0.0)
                     tl.store(part, prev + gw, mask=gw_mask)
             if GW_DIRECT:
@@ -314,48 +321,52 @@ def _small_c_grad_weight_kernel(
         tl.store(gb_ptr + j, cast_rn(t, gb_ptr.dtype.element_ty), mask=dblk == 0)
 
 
-# (rows per block, pass 1 vector, pass 2 vector) by element size (the wider of x and W) and
-# classes padded: tiles whose sm_90 builds keep everything in registers at 8 one-warp programs
-# per SM with Triton 3.6 and 3.8 (wider ones spill: 8 rows, or 16 bf16 features at C = 7), with
-# 4 KB of x in flight per program at the GPU target shapes (2 KB for bf16 at C = 7; docs/design.md,
-# "The Triton model").
+# (rows per block, sub-steps per loop step of pass 1) by element size (the wider of x and W),
+# classes padded and whether the gradient is computed; a sub-step moves 16 bytes per lane and
+# row, so that each program has 4 KB of x in flight (docs/design.md, "The Triton model"). The
+# rows-to-sub-steps split whose sm_90 builds keep everything in registers with Triton 3.6 and
+# 3.8 (aot.py; the other splits tried spill with one or the other), with as many rows as
+# possible (fewer row blocks, fewer per-block barriers).
 _TILES = {
-    (4, 2): (4, 8, 4), (4, 4): (4, 8, 4), (4, 8): (4, 8, 2), (4, 16): (2, 4, 2),
-    (2, 2): (4, 16, 4), (2, 4): (4, 16, 4), (2, 8): (4, 8, 4), (2, 16): (2, 8, 4),
+    (4, 2, False): (4, 2), (4, 2, True): (4, 2), (4, 4, False): (4, 2), (4, 4, True): (4, 2),
+    (4, 8, False): (4, 2), (4, 8, True): (2, 4), (4, 16, False): (1, 2), (4, 16, True): (1, 2),
+    (2, 2, False): (4, 2), (2, 2, True): (2, 4), (2, 4, False): (4, 2), (2, 4, True): (2, 4),
+    (2, 8, False): (4, 2), (2, 8, True): (4, 2), (2, 16, False): (1, 2), (2, 16, True): (1, 2),
 }
+# The gradient pass of a batch of at most 64 row blocks sums the targets' weights itself
+# (DENOM_INLINE), which takes registers: there these tiles replace the ones above.
+_TILES_INLINE_DENOM = {(2, 2, True): (1, 8), (2, 4, True): (1, 8)}
 
 
-def _config(C: int, D: int, x, weight):
-    """(BLOCK_B, NUM_C, XSQ_SLOT, VEC, VEC2, num_warps, num_stages) of the main kernel.
+def _config(C: int, D: int, x, weight, compute_grad: bool, inline_denom: bool = False):
+    """(BLOCK_B, NUM_C, XSQ_SLOT, VEC, UNROLL, num_warps, num_stages) of the main kernel.
 
     The classes are padded to a power of two with one class to spare where C < 16 (it carries
-    ‖x‖², XSQ_SLOT). Each lane holds BLOCK_B × NUM_C fp32 sums, and per step BLOCK_B rows and
-    NUM_C classes of VEC (pass 1) or VEC2 (pass 2) features (_TILES). The vectors are 16-byte
-    loads where x, W, D and the row strides are 16-byte aligned (Triton's specialization tells
-    the compiler so), single elements and one row a block otherwise (unaligned builds of 2 or
-    4 rows spill with Triton 3.6 or 3.8 at C = 7). One load stage: a pipelined load would be
-    staged through shared memory with a barrier per step.
+    ‖x‖², XSQ_SLOT). Each lane holds BLOCK_B × NUM_C fp32 sums, and per loop step BLOCK_B rows
+    and NUM_C classes of UNROLL × VEC features (_TILES). The vectors are 16-byte loads where x,
+    W, D and the row strides are 16-byte aligned (Triton's specialization tells the compiler
+    so), single elements and one row a block otherwise. One load stage: a pipelined load would
+    be staged through shared memory with a barrier per step.
     """
     xsq_slot = C < SMALL_C_MAX
     num_c = max(2, triton.next_power_of_2(C + 1)) if xsq_slot else SMALL_C_MAX
     esize = max(x.element_size(), weight.element_size())
-    block_b, vec, vec2 = _TILES[(4 if esize > 2 else 2, num_c)]
+    key = (4 if esize > 2 else 2, num_c, bool(compute_grad))
+    block_b, unroll = (_TILES_INLINE_DENOM.get(key) if inline_denom else None) or _TILES[key]
+    vec = 16 // esize
     aligned = (D % 16 == 0 and x.stride(0) % 16 == 0 and weight.stride(0) % 16 == 0
                and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
     if not aligned:
-        block_b, vec, vec2 = 1, 1, 1
-    return BLOCK_ROWS or block_b, num_c, xsq_slot, vec, vec2, _NUM_WARPS, 1
+        block_b, vec, unroll = 1, 1, 1
+    return BLOCK_ROWS or block_b, num_c, xsq_slot, vec, unroll, _NUM_WARPS, 1
 
 
-def _barriers(compute_grad: bool, steps1: int, steps2: int) -> tuple:
+def _barriers(compute_grad: bool) -> tuple:
     """(per row block, per program) block-wide barriers of the main kernel's sm_90 builds at
-    the GPU target shapes, the larger of Triton 3.6 and 3.8 (docs/gpu/, the aot tables): 3.8
-    has none in the feature loops, 3.6 has 1 per pass-1 step and 3 per pass-2 step (layout
-    conversions it leaves in the loops); besides them at most 5 per row block with the gradient,
-    2 per row block and 2 after the loop without."""
-    if compute_grad:
-        return steps1 + 3 * steps2 + 5, 0
-    return steps1 + 2, 2
+    the GPU target shapes, the larger of Triton 3.6 and 3.8 (docs/gpu/, the aot tables): none in
+    the feature loops (one layout for every tile), at most 3 per row block with the gradient
+    (layout conversions of the per-row values), 2 per row block and 2 after the loop without."""
+    return (3, 0) if compute_grad else (2, 2)
 
 
 def _programs(n_blocks: int, info) -> int:
@@ -393,11 +404,20 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
     C = weight.shape[0]
     dev = x.device
     info = device_info(dev)
-    block_b, num_c, xsq_slot, vec, vec2, num_warps, stages = _config(C, D, x, weight)
+    block_b, num_c, xsq_slot, vec, unroll, num_warps, stages = _config(C, D, x, weight,
+                                                                       compute_grad)
+    # A batch of at most 64 row blocks needs no launch for the mean's denominator: every
+    # program sums the targets itself (with tiles that leave it the registers).
+    inline_denom = triton.cdiv(B, block_b) <= 64
+    if inline_denom and compute_grad and reduction == 1:
+        block_b, num_c, xsq_slot, vec, unroll, num_warps, stages = _config(
+            C, D, x, weight, compute_grad, inline_denom=True)
     block_l = 32 * num_warps
     n_blocks = triton.cdiv(B, block_b)
-    P = _programs(n_blocks, info)
     gw_direct = n_blocks == 1
+    ex, ew = x.element_size(), weight.element_size()
+    inflight = block_b * block_l * vec * unroll * ex  # one loop step's x tile
+    P = _programs(n_blocks, info)
     f32 = dict(dtype=torch.float32, device=dev)
 
     loss = torch.empty((B,) if reduction == 0 else (), **f32) if write_loss else None
@@ -416,7 +436,6 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
         gx = gw = gb = gw_part = col_part = None
     wnorm = torch.empty((C,), **f32) if compute_grad and normalize and not gw_direct else None
     denom, n_denom = None, 0
-    inline_denom = n_blocks <= 64  # every program sums the targets itself: no launch
     if compute_grad and reduction == 1 and not inline_denom:
         denom, n_denom = mean_denominator(target, class_weight, sample_weight, C, ignore_index)
 
@@ -425,19 +444,17 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
 
     # Traffic: x once (pass 2 re-reads the block from L2), W once (L2-resident), grad x once;
     # the partials are written once per program (their per-block updates stay in L2). In
-    # flight: one step's x tile (no pipelining). Flops: fp32 FMAs (per element of x: NUM_C
+    # flight: one pass-1 step's x tile (no pipelining). Flops: fp32 FMAs (per element of x: NUM_C
     # products in pass 1, 2 · NUM_C + 2 in pass 2). Barriers: those of the sm_90 builds
     # (docs/gpu/triton-aot-*.md, barriers per loop body; _barriers).
-    ex, ew = x.element_size(), weight.element_size()
     per_prog = triton.cdiv(n_blocks, P)
     fma = B * D * ((num_c + (not xsq_slot)) + (2 * num_c + 2) * compute_grad)
-    per_block, fixed = _barriers(compute_grad, triton.cdiv(D, block_l * vec),
-                                 triton.cdiv(D, block_l * vec2))
+    per_block, fixed = _barriers(compute_grad)
     main_cost = Cost(
         bytes=B * D * ex * (2 if compute_grad else 1) + C * D * ew + B * 12
         + (0 if gw_direct or not compute_grad else P * C * (D + 1) * 4),
         flops=2 * fma, dot="fp32",
-        inflight=block_b * block_l * vec * ex, barriers=per_prog * per_block + fixed)
+        inflight=inflight, barriers=per_prog * per_block + fixed)
     launch(_small_c_kernel, _main_grid(P), (
         x, weight, target, ptr(bias), ptr(class_weight), ptr(sample_weight), ptr(grad_loss),
         ptr(grl_lambda), ptr(denom), ptr(loss), ptr(lse), ptr(red), ptr(count), ptr(gx),
@@ -450,7 +467,7 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
              HAS_LAMBDA=grl_lambda is not None, REDUCTION=reduction, WRITE_LOSS=write_loss,
              COMPUTE_GRAD=compute_grad, DENOM_INLINE=inline_denom, GW_DIRECT=gw_direct,
              XSQ_SLOT=xsq_slot, BLOCK_B=block_b, NUM_C=num_c, BLOCK_L=block_l, VEC=vec,
-             VEC2=vec2, BLOCK_P=_BLOCK_P),
+             UNROLL=unroll, BLOCK_P=_BLOCK_P),
         num_warps=num_warps, num_stages=stages, cost=main_cost)
 
     if compute_grad and not gw_direct:
@@ -459,7 +476,7 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
                (weight, ptr(wnorm), gw_part, col_part, gw, ptr(gb), P, C, D, weight.stride(0)),
                dict(NORMALIZE=normalize, HAS_BIAS=bias is not None,
                     BLOCK_P=min(_BLOCK_P_GW, triton.next_power_of_2(P)), BLOCK_D=block_dw),
-               num_warps=4, num_stages=NUM_STAGES,
+               num_warps=_NUM_WARPS_GW, num_stages=NUM_STAGES,
                cost=Cost(bytes=P * C * (D + 1) * 4 + 2 * C * D * ew,
                          # one step's loads (its loop is not pipelined: no async loads in
                          # the aot table) and the one sum across the tile, after the loop
