@@ -16,9 +16,12 @@
 #   new-tests    the tests this round added that need a GPU: the float32 precision policy under
 #                every global switch, non-finite inputs on every backend
 #   correctness  pytest tests/test_cuda.py and tests/test_shard_mode_cuda.py, and
-#                tests/test_triton.py (compiled Triton, no interpreter, its GPU subset) in four
-#                processes after a parallel warm-up of Triton's compile cache; then the
-#                backends' own checks (compute-sanitizer for CUDA)
+#                tests/test_triton.py (compiled Triton, no interpreter, its GPU subset) beside
+#                them; then the backends' own checks (compute-sanitizer for CUDA)
+# Every Triton specialization a GPU test launches is a JIT compilation of 0.4-1.6 s, and the
+# tests that launch Triton kernels need about 200 of them: those tests run as one process per
+# CPU (at most 16), each a contiguous slice of the run (UDAT_TEST_SHARD, tests/conftest.py), so
+# that the compilations spread over the CPUs and fill Triton's compile cache in parallel.
 #   paper        paper heads (64, 1024, C) and bandwidth heads (65536, 1024, C)
 #   large        face-recognition heads (8192, 512, 10^4..10^6), bf16
 #   end-to-end   the full VGG16 at 224 with bf16 autocast, fused heads against eager heads
@@ -72,7 +75,7 @@ mkdir -p "$DOCS"
 # files git does not track are removed (never a committed result; outside a git checkout,
 # nothing is removed).
 if git -C "$DOCS" rev-parse --is-inside-work-tree > /dev/null 2>&1; then
-    git -C "$DOCS" clean -fdq -- paper large triton cuda end_to_end.md 2> /dev/null || true
+    git -C "$DOCS" clean -fdq -- paper large triton cuda pytest end_to_end.md 2> /dev/null || true
 fi
 LOG=$DOCS/gpu_check.log
 : > "$LOG"
@@ -80,6 +83,27 @@ STATUS_FILE=$(mktemp)
 trap 'rm -f "$STATUS_FILE"' EXIT
 
 say() { echo "$@" | tee -a "$LOG"; }
+
+# sharded_pytest NAME FILES...: the tests of FILES as one pytest process per CPU (at most 16),
+# each a contiguous slice of the run; the logs go to $DOCS/pytest/NAME-i.log and their last lines
+# are printed. Fails if any slice fails.
+sharded_pytest() {
+    local name=$1 n i rc=0 pids=()
+    shift
+    n=$(nproc)
+    [ "$n" -gt 16 ] && n=16
+    mkdir -p "$DOCS/pytest"
+    for ((i = 0; i < n; i++)); do
+        UDAT_TEST_SHARD="$i/$n" "$PY" -m pytest -q -ra -p no:cacheprovider "$@" \
+            > "$DOCS/pytest/$name-$i.log" 2>&1 &
+        pids+=($!)
+    done
+    for i in "${pids[@]}"; do wait "$i" || rc=1; done
+    echo "$name: $n processes"
+    for ((i = 0; i < n; i++)); do tail -n 1 "$DOCS/pytest/$name-$i.log"; done
+    [ $rc = 0 ] || grep -h -E '^(FAILED|ERROR)' "$DOCS"/pytest/"$name"-*.log
+    return $rc
+}
 
 # run_stage NAME NEED CAP COMMAND...: run COMMAND for at most CAP seconds (and never past the
 # deadline), unless fewer than NEED seconds are left. The stage sees its limit as STAGE_LIMIT_S.
@@ -179,35 +203,34 @@ stage_selfcheck() {
 
 stage_new_tests() {
     gpu_or_skip "the new GPU tests" || return $?
-    "$PY" -m pytest -q -ra tests/test_precision_fp32.py tests/test_non_finite.py
+    sharded_pytest new-tests tests/test_precision_fp32.py tests/test_non_finite.py
 }
 
 stage_correctness() {
     gpu_or_skip "the GPU tests" || return $?
-    local tests=() rc=0 t sel pids=()
+    local tests=() rc=0 t pid=
     for t in tests/test_cuda.py tests/test_shard_mode_cuda.py; do
         if [ -f "$t" ]; then tests+=("$t"); else echo "$t: not present"; fi
     done
-    # Triton: the compile cache filled in parallel first (one process per CPU), then the Triton
-    # tests in four processes (by launch path), each compiling what is left of its own kernels
-    # while the CUDA tests run.
+    # Triton: the benchmark stages' specializations compiled first (a few seconds on every
+    # CPU), then the Triton tests in slices beside the CUDA tests.
     if [ -f tests/test_triton.py ]; then
         [ -f benchmarks/gpu_triton.py ] && GPU_CHECK_OUT=$DOCS/triton "$PY" -m benchmarks.gpu_triton \
-            --stages warm --budget-s 25
-        mkdir -p "$DOCS/triton"
-        for sel in single multi tiled "not single and not multi and not tiled"; do
-            "$PY" -m pytest -q -ra tests/test_triton.py tests/test_triton_precision.py -k "$sel" \
-                > "$DOCS/triton/pytest-${sel// /-}.log" 2>&1 &
-            pids+=($!)
-        done
+            --stages warm --budget-s 15
+        mkdir -p "$DOCS/pytest"
+        sharded_pytest triton tests/test_triton.py tests/test_triton_precision.py \
+            > "$DOCS/pytest/triton.txt" 2>&1 &
+        pid=$!
     else
         echo "tests/test_triton.py: not present"
     fi
     if [ ${#tests[@]} -gt 0 ]; then
         "$PY" -m pytest -q -ra "${tests[@]}" || rc=$?
     fi
-    for t in "${pids[@]}"; do wait "$t" || rc=1; done
-    [ ${#pids[@]} -gt 0 ] && tail -n 3 "$DOCS"/triton/pytest-*.log
+    if [ -n "$pid" ]; then
+        wait "$pid" || rc=1
+        cat "$DOCS/pytest/triton.txt"
+    fi
     backend_scripts correctness || rc=$?
     return $rc
 }
@@ -232,7 +255,7 @@ stage_e2e() {
 }
 
 export PY DOCS DEADLINE RESERVE_S GPU_CHECK_SKIP_BUILD
-export -f gpu_or_skip backend_scripts stage_build stage_selfcheck stage_new_tests \
+export -f sharded_pytest gpu_or_skip backend_scripts stage_build stage_selfcheck stage_new_tests \
     stage_correctness stage_bench stage_e2e
 
 say "udat-kernels GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), budget ${BUDGET_S} s"
