@@ -84,6 +84,23 @@ def test_angular_dtypes(path, C, dtype):
     _check(True, x, w, t)
 
 
+@pytest.mark.parametrize("dtypes", ["float32", "bfloat16", "bfloat16-float32"])
+@pytest.mark.parametrize("C", [2, 7, 12, 16])
+def test_aligned_tiles(path, C, dtypes):
+    # D a multiple of 16 elements: the small-C kernel's 16-byte vectors, several rows a block
+    # and unrolled steps (docs/design.md, "The Triton kernels"); D = 48 leaves most of a step
+    # masked. C = 12 pads to 16 classes with the ‖x‖² slot, C = 16 sums ‖x‖² on its own.
+    if path == "tiled":
+        pytest.skip("the tiled path has no vector tiles of its own")
+    if not FULL_MATRIX and (C not in (7, 16) or dtypes != "bfloat16"):
+        pytest.skip("GPU subset (UDAT_TRITON_FULL_MATRIX=1 runs it)")
+    x_dtype, w_dtype = (getattr(torch, n) for n in (dtypes.split("-") * 2)[:2])
+    x, w, t = _inputs(37, 48, C, x_dtype, w_dtype, seed=C)
+    _check(True, x, w, t, label_smoothing=0.1, grl_lambda=0.5)
+    if C in (7, 16):
+        _check(False, x, w, t, bias=torch.randn(C, device=DEVICE))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 def test_linear_dtypes(path, dtype):
     if not FULL_MATRIX and dtype != torch.bfloat16:

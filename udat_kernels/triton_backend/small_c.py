@@ -426,6 +426,9 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
     if write_loss and reduction != 0 and P > 1:
         red, count = torch.empty((P, 2), **f32), arrival_counter(dev)
     empty = torch.empty((0,), **f32)
+    # The counter's stand-in has the counter's type, so that a launch of one program and one
+    # of several are one specialization (one compilation).
+    no_count = torch.empty((0,), dtype=torch.int32, device=dev)
     if compute_grad:
         gx = torch.empty_like(x)
         gw = torch.empty_like(weight)
@@ -457,7 +460,7 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
         inflight=inflight, barriers=per_prog * per_block + fixed)
     launch(_small_c_kernel, _main_grid(P), (
         x, weight, target, ptr(bias), ptr(class_weight), ptr(sample_weight), ptr(grad_loss),
-        ptr(grl_lambda), ptr(denom), ptr(loss), ptr(lse), ptr(red), ptr(count), ptr(gx),
+        ptr(grl_lambda), ptr(denom), ptr(loss), ptr(lse), ptr(red), dummy(count, no_count), ptr(gx),
         ptr(gw), ptr(gb), ptr(gw_part), ptr(col_part), ptr(wnorm),
         B, C, D, n_denom, x.stride(0), weight.stride(0), ignore_index, *consts.args(),
         smoothing),
