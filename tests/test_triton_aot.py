@@ -88,6 +88,18 @@ def test_check_rules(result, origins, expected):
         assert len(fails) == 1 and expected in fails[0]
 
 
+def test_tf32_mma_read_from_the_ptx():
+    # the builds the check does not disassemble are checked for TF32 on their PTX
+    ptx = """
+    mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1, %f2, %f3, %f4}, {%r1}, {%r2};
+    @%p1 wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {%f5}, %rd1, %rd2, 1, 1, 1, 1;
+    wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f6}, %rd3, %rd4, 1, 1, 1, 1, 1, 1;
+    fma.rn.f32 %f7, %f8, %f9, %f7;
+    // tf32 in a comment is no instruction
+    """
+    assert aot.ptx_tf32_mma(ptx) == 2
+
+
 SASS_NESTED = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;

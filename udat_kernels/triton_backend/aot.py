@@ -178,8 +178,21 @@ def analyze_sass(sass: str) -> dict:
     }
 
 
-def compile_one(spec: dict, arch: int) -> dict:
-    """Build one specialization; returns its resources, or the error."""
+_PTX_TF32_MMA = re.compile(r"^\s*(?:@\S+\s+)?w?gmma\S*|^\s*(?:@\S+\s+)?mma\S*", re.M)
+
+
+def ptx_tf32_mma(ptx: str) -> int:
+    """mma / wgmma instructions of a PTX listing whose operands are TF32."""
+    return sum(".tf32" in m.group(0) for m in _PTX_TF32_MMA.finditer(ptx))
+
+
+def compile_one(spec: dict, arch: int, disassemble: bool = True) -> dict:
+    """Build one specialization; returns its resources, or the error.
+
+    Registers, shared memory and spills come from ptxas and the cubin's resource usage, TF32
+    mma from the PTX; `disassemble` adds the SASS reading (loops, their barriers, async loads
+    and mma), which takes longer than the compilation itself: the check asks for it at the
+    target shapes only."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -203,7 +216,7 @@ def compile_one(spec: dict, arch: int) -> dict:
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True,
                              text=True).stdout
         sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True,
-                              text=True).stdout
+                              text=True).stdout if disassemble else ""
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
     regs = int(usage.get("REG", 0))
     shared = int(usage.get("SHARED", 0)) + int(compiled.metadata.shared)
@@ -212,6 +225,7 @@ def compile_one(spec: dict, arch: int) -> dict:
            "blocks_per_sm": blocks_per_sm(regs, spec["num_warps"], shared),
            "seconds": round(time.monotonic() - t0, 2)}
     out.update(analyze_sass(sass))
+    out["tf32_mma"] = max(out["tf32_mma"], ptx_tf32_mma(compiled.asm["ptx"]))
     return out
 
 
@@ -231,8 +245,8 @@ def compile_into_cache(spec: dict) -> str:
 
 
 def _worker(args):
-    key, spec, arch = args
-    return key, compile_one(spec, arch)
+    key, spec, arch, disassemble = args
+    return key, compile_one(spec, arch, disassemble)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,8 +386,8 @@ def main(argv=None) -> int:
             else:
                 specs[key] = spec
     design = DESIGN
-    work = [(k, {x: v for x, v in s.items() if x != "origins"}, args.arch)
-            for k, s in specs.items()]
+    work = [(k, {x: v for x, v in s.items() if x != "origins"}, args.arch,
+             any(o != "tests" for o in s["origins"])) for k, s in specs.items()]
     results = {}
     ctx = multiprocessing.get_context("fork")
     try:

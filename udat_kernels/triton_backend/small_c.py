@@ -321,21 +321,28 @@ def _small_c_grad_weight_kernel(
         tl.store(gb_ptr + j, cast_rn(t, gb_ptr.dtype.element_ty), mask=dblk == 0)
 
 
-# (rows per block, sub-steps per loop step of pass 1) by element size (the wider of x and W),
-# classes padded and whether the gradient is computed; a sub-step moves 16 bytes per lane and
-# row, so that each program has 4 KB of x in flight (docs/design.md, "The Triton model"). The
-# rows-to-sub-steps split whose sm_90 builds keep everything in registers with Triton 3.6 and
-# 3.8 (aot.py; the other splits tried spill with one or the other), with as many rows as
-# possible (fewer row blocks, fewer per-block barriers).
+# (rows per block, sub-steps per loop step of pass 1, bytes a lane loads per row and sub-step)
+# by element size (the wider of x and W), classes padded and whether the gradient is computed:
+# 16-byte vectors and 4 KB of x in flight per program where the registers allow (docs/design.md,
+# "The Triton model"). Each entry is a split whose sm_90 builds keep everything in registers
+# with Triton 3.6 and 3.8 (aot.py checks every build the tests and the target shapes launch;
+# the larger splits tried spill with one or the other), with as many rows as possible (fewer
+# row blocks, fewer per-block barriers).
 _TILES = {
-    (4, 2, False): (4, 2), (4, 2, True): (4, 2), (4, 4, False): (4, 2), (4, 4, True): (4, 2),
-    (4, 8, False): (4, 2), (4, 8, True): (2, 4), (4, 16, False): (1, 2), (4, 16, True): (1, 2),
-    (2, 2, False): (4, 2), (2, 2, True): (2, 4), (2, 4, False): (4, 2), (2, 4, True): (2, 4),
-    (2, 8, False): (4, 2), (2, 8, True): (4, 2), (2, 16, False): (1, 2), (2, 16, True): (1, 2),
+    (4, 2, False): (4, 2, 16), (4, 2, True): (4, 2, 16),
+    (4, 4, False): (4, 2, 16), (4, 4, True): (4, 2, 16),
+    (4, 8, False): (4, 2, 16), (4, 8, True): (2, 4, 16),
+    (4, 16, False): (1, 1, 16), (4, 16, True): (1, 2, 16),
+    (2, 2, False): (4, 2, 16), (2, 2, True): (2, 4, 16),
+    (2, 4, False): (4, 2, 16), (2, 4, True): (2, 4, 16),
+    (2, 8, False): (4, 2, 16), (2, 8, True): (4, 2, 16),
+    (2, 16, False): (2, 1, 16), (2, 16, True): (1, 2, 8),
 }
-# The gradient pass of a batch of at most 64 row blocks sums the targets' weights itself
-# (DENOM_INLINE), which takes registers: there these tiles replace the ones above.
-_TILES_INLINE_DENOM = {(2, 2, True): (1, 8), (2, 4, True): (1, 8)}
+# Where other tiles leave the registers a kernel variant needs: the gradient pass of a batch of
+# at most 64 row blocks sums the targets' weights itself (DENOM_INLINE); x and W of different
+# element sizes convert one of them.
+_TILES_INLINE_DENOM = {(2, 2, True): (1, 8, 16), (2, 4, True): (1, 8, 16)}
+_TILES_MIXED = {(4, 8, False): (2, 4, 16), (4, 8, True): (1, 4, 16)}
 
 
 def _config(C: int, D: int, x, weight, compute_grad: bool, inline_denom: bool = False):
@@ -343,17 +350,21 @@ def _config(C: int, D: int, x, weight, compute_grad: bool, inline_denom: bool = 
 
     The classes are padded to a power of two with one class to spare where C < 16 (it carries
     ‖x‖², XSQ_SLOT). Each lane holds BLOCK_B × NUM_C fp32 sums, and per loop step BLOCK_B rows
-    and NUM_C classes of UNROLL × VEC features (_TILES). The vectors are 16-byte loads where x,
-    W, D and the row strides are 16-byte aligned (Triton's specialization tells the compiler
-    so), single elements and one row a block otherwise. One load stage: a pipelined load would
+    and NUM_C classes of UNROLL × VEC features (_TILES). The vectors are 16-byte loads (8-byte
+    for bf16 and fp16 gradients at 16 classes) where x, W, D and the row strides are 16-byte
+    aligned (Triton's specialization tells the compiler so), single elements and one row a
+    block otherwise. One load stage: a pipelined load would
     be staged through shared memory with a barrier per step.
     """
     xsq_slot = C < SMALL_C_MAX
     num_c = max(2, triton.next_power_of_2(C + 1)) if xsq_slot else SMALL_C_MAX
     esize = max(x.element_size(), weight.element_size())
     key = (4 if esize > 2 else 2, num_c, bool(compute_grad))
-    block_b, unroll = (_TILES_INLINE_DENOM.get(key) if inline_denom else None) or _TILES[key]
-    vec = 16 // esize
+    block_b, unroll, vec_bytes = (
+        (_TILES_INLINE_DENOM.get(key) if inline_denom else None)
+        or (_TILES_MIXED.get(key) if x.element_size() != weight.element_size() else None)
+        or _TILES[key])
+    vec = vec_bytes // esize
     aligned = (D % 16 == 0 and x.stride(0) % 16 == 0 and weight.stride(0) % 16 == 0
                and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
     if not aligned:
