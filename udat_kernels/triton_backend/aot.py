@@ -11,15 +11,17 @@ spills, TF32 dots), so every distinct launch is also compiled for an NVIDIA targ
   the shard mode (`plan_shard`).
 
 Each distinct specialization is compiled once, in parallel, with the Triton that runs this
-module; the cubin's resource usage and SASS give registers, shared memory, spills, blocks per SM
-(H200 limits), and per loop body the barriers, async loads and mma instructions.
+module; ptxas's report and the cubin's resource usage give registers, shared memory, spills and
+blocks per SM (H200 limits), the PTX any TF32 mma, and for the builds planned at the target
+shapes the SASS per loop body the barriers, async loads and mma instructions.
 
     python -m udat_kernels.triton_backend.aot [--specs FILE ...] [--table OUT.md]
 
 Fails (exit 1) when a kernel does not compile, when any build spills (local-memory stores),
 when an fp32 dot is built as TF32 mma, or when a kernel planned at a GPU target shape has fewer
-blocks per SM than design.py says it is designed for. Must run
-without TRITON_INTERPRET (the kernels bind to the interpreter when it is set at import).
+blocks per SM than design.py says it is designed for, or a small-C build there has more
+barriers than its launch declares to the performance model. Must run without TRITON_INTERPRET
+(the kernels bind to the interpreter when it is set at import).
 """
 
 from __future__ import annotations
