@@ -49,11 +49,15 @@ test: setup pytest ctest triton-aot
 
 # The Triton kernels' launches are recorded (their specializations) for triton-aot.
 # tests/cuda_emu and tests/cuda_build need the CMake build (emulation libraries, ptxas's
-# reports): ctest runs them.
+# reports): ctest runs them. The Triton tests run under the interpreter, a few seconds each,
+# in two processes (pytest-xdist; each appends its launches to the record); the rest in one.
+TRITON_TESTS := $(wildcard tests/test_triton*.py)
 pytest: setup
 	mkdir -p build && rm -f $(TRITON_LAUNCHES)
+	UDAT_TRITON_LAUNCHES=$(abspath $(TRITON_LAUNCHES)) $(PY) -m pytest $(TRITON_TESTS) -q -ra \
+	  -n 2
 	UDAT_TRITON_LAUNCHES=$(abspath $(TRITON_LAUNCHES)) $(PY) -m pytest tests -q -ra \
-	  --ignore=tests/cuda_emu --ignore=tests/cuda_build
+	  --ignore=tests/cuda_emu --ignore=tests/cuda_build $(addprefix --ignore=,$(TRITON_TESTS))
 
 # A second environment: the GPU machine's Triton over the main environment's packages.
 $(TRITON_GPU_VENV)/.installed: $(DEPS_STAMP)
