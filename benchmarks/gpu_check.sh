@@ -18,18 +18,20 @@
 #   correctness  pytest tests/test_cuda.py and tests/test_shard_mode_cuda.py, and
 #                tests/test_triton.py (compiled Triton, no interpreter, its GPU subset) beside
 #                them; then the backends' own checks (compute-sanitizer for CUDA)
+#   paper        paper heads (64, 1024, C) and bandwidth heads (65536, 1024, C)
+#   large        face-recognition heads (8192, 512, 10^4..10^6), bf16
+#   end-to-end   the full VGG16 at 224 with bf16 autocast, fused heads against eager heads
+# and, last, the summary, the targets, and every CUDA target measured against modelled
+# (benchmarks/gpu_cuda.py compare, from benchmarks/model_cuda.py).
+#
 # Every Triton specialization a GPU test launches is a JIT compilation: the GPU subset of
 # tests/test_triton.py and test_triton_precision.py launches 150 distinct ones, 112 s of
 # compilation on one CPU core (counted without a GPU: UDAT_TRITON_FULL_MATRIX=0 and
 # UDAT_TRITON_LAUNCHES under the interpreter, then triton_backend.aot --no-targets --json),
 # new-tests 18 more. Those tests run as one process per CPU (at most 16), each a contiguous
 # slice of the run (UDAT_TEST_SHARD, tests/conftest.py), so that the compilations spread over
-# the CPUs (about 7 s each on 16) and fill Triton's compile cache in parallel.
-#   paper        paper heads (64, 1024, C) and bandwidth heads (65536, 1024, C)
-#   large        face-recognition heads (8192, 512, 10^4..10^6), bf16
-#   end-to-end   the full VGG16 at 224 with bf16 autocast, fused heads against eager heads
-# and, last, the summary, the targets, and every CUDA target measured against modelled
-# (benchmarks/gpu_cuda.py compare, from benchmarks/model_cuda.py).
+# the CPUs (112 s / 16 = 7 s of compilation each if evenly spread; not timed on a GPU
+# machine) and fill Triton's compile cache in parallel.
 #
 # Each backend adds its own checks to stages correctness, paper and large:
 # benchmarks/gpu_triton.py (its stages correctness; paper,bandwidth; largec) and

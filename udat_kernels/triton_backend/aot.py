@@ -180,7 +180,8 @@ def analyze_sass(sass: str) -> dict:
     }
 
 
-_PTX_TF32_MMA = re.compile(r"^\s*(?:@\S+\s+)?w?gmma\S*|^\s*(?:@\S+\s+)?mma\S*", re.M)
+# an mma or wgmma instruction's opcode (after an optional predicate)
+_PTX_TF32_MMA = re.compile(r"^\s*(?:@\S+\s+)?(?:wg)?mma\S*", re.M)
 
 
 def ptx_tf32_mma(ptx: str) -> int:

@@ -345,31 +345,38 @@ _TILES_INLINE_DENOM = {(2, 2, True): (1, 8, 16), (2, 4, True): (1, 8, 16)}
 _TILES_MIXED = {(4, 8, False): (2, 4, 16), (4, 8, True): (1, 4, 16)}
 
 
-def _config(C: int, D: int, x, weight, compute_grad: bool, inline_denom: bool = False):
-    """(BLOCK_B, NUM_C, XSQ_SLOT, VEC, UNROLL, num_warps, num_stages) of the main kernel.
+def _config(C: int, D: int, x, weight, compute_grad: bool, mean: bool):
+    """(BLOCK_B, NUM_C, XSQ_SLOT, VEC, UNROLL, DENOM_INLINE, num_warps, num_stages) of the main
+    kernel.
 
     The classes are padded to a power of two with one class to spare where C < 16 (it carries
     ‖x‖², XSQ_SLOT). Each lane holds BLOCK_B × NUM_C fp32 sums, and per loop step BLOCK_B rows
     and NUM_C classes of UNROLL × VEC features (_TILES). The vectors are 16-byte loads (8-byte
     for bf16 and fp16 gradients at 16 classes) where x, W, D and the row strides are 16-byte
     aligned (Triton's specialization tells the compiler so), single elements and one row a
-    block otherwise. One load stage: a pipelined load would
-    be staged through shared memory with a barrier per step.
+    block otherwise. One load stage: a pipelined load would be staged through shared memory
+    with a barrier per step. A batch of at most 64 row blocks needs no launch for the mean's
+    denominator (DENOM_INLINE): every program of the gradient pass sums the targets itself,
+    with the tiles of _TILES_INLINE_DENOM where the others leave it too few registers.
     """
+    B = x.shape[0]
     xsq_slot = C < SMALL_C_MAX
     num_c = max(2, triton.next_power_of_2(C + 1)) if xsq_slot else SMALL_C_MAX
     esize = max(x.element_size(), weight.element_size())
     key = (4 if esize > 2 else 2, num_c, bool(compute_grad))
-    block_b, unroll, vec_bytes = (
-        (_TILES_INLINE_DENOM.get(key) if inline_denom else None)
-        or (_TILES_MIXED.get(key) if x.element_size() != weight.element_size() else None)
-        or _TILES[key])
-    vec = vec_bytes // esize
+    tile = (x.element_size() != weight.element_size() and _TILES_MIXED.get(key)) or _TILES[key]
     aligned = (D % 16 == 0 and x.stride(0) % 16 == 0 and weight.stride(0) % 16 == 0
                and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
-    if not aligned:
-        block_b, vec, unroll = 1, 1, 1
-    return BLOCK_ROWS or block_b, num_c, xsq_slot, vec, unroll, _NUM_WARPS, 1
+
+    def shape(tile):
+        block_b, unroll, vec_bytes = tile if aligned else (1, 1, esize)
+        return BLOCK_ROWS or block_b, unroll, vec_bytes // esize
+
+    block_b, unroll, vec = shape(tile)
+    inline_denom = triton.cdiv(B, block_b) <= 64
+    if inline_denom and compute_grad and mean and key in _TILES_INLINE_DENOM:
+        block_b, unroll, vec = shape(_TILES_INLINE_DENOM[key])
+    return block_b, num_c, xsq_slot, vec, unroll, inline_denom, _NUM_WARPS, 1
 
 
 def _barriers(compute_grad: bool) -> tuple:
@@ -415,14 +422,8 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
     C = weight.shape[0]
     dev = x.device
     info = device_info(dev)
-    block_b, num_c, xsq_slot, vec, unroll, num_warps, stages = _config(C, D, x, weight,
-                                                                       compute_grad)
-    # A batch of at most 64 row blocks needs no launch for the mean's denominator: every
-    # program sums the targets itself (with tiles that leave it the registers).
-    inline_denom = triton.cdiv(B, block_b) <= 64
-    if inline_denom and compute_grad and reduction == 1:
-        block_b, num_c, xsq_slot, vec, unroll, num_warps, stages = _config(
-            C, D, x, weight, compute_grad, inline_denom=True)
+    block_b, num_c, xsq_slot, vec, unroll, inline_denom, num_warps, stages = _config(
+        C, D, x, weight, compute_grad, reduction == 1)
     block_l = 32 * num_warps
     n_blocks = triton.cdiv(B, block_b)
     gw_direct = n_blocks == 1
@@ -458,8 +459,8 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
 
     # Traffic: x once (pass 2 re-reads the block from L2), W once (L2-resident), grad x once;
     # the partials are written once per program (their per-block updates stay in L2). In
-    # flight: one pass-1 step's x tile (no pipelining). Flops: fp32 FMAs (per element of x: NUM_C
-    # products in pass 1, 2 · NUM_C + 2 in pass 2). Barriers: those of the sm_90 builds
+    # flight: one pass-1 step's x tile (no pipelining). Flops: fp32 FMAs (per element of x:
+    # NUM_C products in pass 1, 2 · NUM_C + 2 in pass 2). Barriers: those of the sm_90 builds
     # (docs/gpu/triton-aot-*.md, barriers per loop body; _barriers).
     per_prog = triton.cdiv(n_blocks, P)
     fma = B * D * ((num_c + (not xsq_slot)) + (2 * num_c + 2) * compute_grad)
@@ -471,8 +472,8 @@ def small_c_launch(x, weight, target, bias, class_weight, sample_weight, grl_lam
         inflight=inflight, barriers=per_prog * per_block + fixed)
     launch(_small_c_kernel, _main_grid(P), (
         x, weight, target, ptr(bias), ptr(class_weight), ptr(sample_weight), ptr(grad_loss),
-        ptr(grl_lambda), ptr(denom), ptr(loss), ptr(lse), ptr(red), dummy(count, no_count), ptr(gx),
-        ptr(gw), ptr(gb), ptr(gw_part), ptr(col_part), ptr(wnorm),
+        ptr(grl_lambda), ptr(denom), ptr(loss), ptr(lse), ptr(red), dummy(count, no_count),
+        ptr(gx), ptr(gw), ptr(gb), ptr(gw_part), ptr(col_part), ptr(wnorm),
         B, C, D, n_denom, x.stride(0), weight.stride(0), ignore_index, *consts.args(),
         smoothing),
         dict(NORMALIZE=normalize, HAS_MARGIN=consts.has_margin, STRAIGHT_THROUGH=straight_through,
